@@ -1,0 +1,147 @@
+"""Model registry and the shipped-weights format (orbax-checkpoint + a JSON card).
+
+A shipped model lives in ``<checkpoints>/<dataset>/<name>/``:
+
+* ``params/``: an orbax ``StandardCheckpointer`` directory holding the Flax parameter pytree;
+* ``meta.json``: what produced it (command, seed, config, git commit) and what it measures (accuracy,
+  reconstruction error, ...).
+
+``load_model("mnist", "classifier")`` returns the Flax module, its parameters and the card. The default
+folder is the repository's ``checkpoints/``; ``$MAGNET_MI_CHECKPOINTS`` or an explicit argument overrides it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from magnet_mi_jax.data import IMAGE_SHAPES
+from magnet_mi_jax.models import autoencoder, classifier
+
+CHECKPOINTS_ENV = "MAGNET_MI_CHECKPOINTS"
+DEFAULT_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or does not fit its model; the message names the path."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """How to build a named model and which command trains it."""
+
+    build: Callable[[], nn.Module]
+    train_command: str
+
+
+MODELS: dict[tuple[str, str], ModelSpec] = {
+    ("mnist", "classifier"): ModelSpec(classifier.MnistClassifier, "python -m train.classifier --dataset mnist"),
+    ("cifar10", "classifier"): ModelSpec(classifier.CifarClassifier, "python -m train.classifier --dataset cifar10"),
+    ("mnist", "ae_i"): ModelSpec(autoencoder.mnist_ae_i, "python -m train.autoencoder --dataset mnist --which ae_i"),
+    ("mnist", "ae_ii"): ModelSpec(autoencoder.mnist_ae_ii, "python -m train.autoencoder --dataset mnist --which ae_ii"),
+    ("cifar10", "ae"): ModelSpec(autoencoder.cifar_ae, "python -m train.autoencoder --dataset cifar10 --which ae"),
+}
+
+
+def register_model(dataset: str, name: str, spec: ModelSpec) -> None:
+    """Adds a model to the registry (used by modules that define further networks, e.g. the generator)."""
+    MODELS[(dataset, name)] = spec
+
+
+def model_spec(dataset: str, name: str) -> ModelSpec:
+    try:
+        return MODELS[(dataset, name)]
+    except KeyError:
+        known = ", ".join(f"{d}/{n}" for d, n in sorted(MODELS))
+        raise CheckpointError(f"unknown model {dataset}/{name}; known: {known}") from None
+
+
+def checkpoints_dir(path: str | os.PathLike | None = None) -> Path:
+    """``path``, else ``$MAGNET_MI_CHECKPOINTS``, else the repository's ``checkpoints/``."""
+    chosen = path if path is not None else os.environ.get(CHECKPOINTS_ENV) or DEFAULT_CHECKPOINTS
+    return Path(chosen).expanduser().resolve()
+
+
+def init_params(module: nn.Module, dataset: str, key: jax.Array, batch: int = 1) -> Any:
+    """Parameters of ``module`` initialised for ``dataset``'s image shape."""
+    x = jnp.zeros((batch, *IMAGE_SHAPES[dataset]), jnp.float32)
+    return module.init(key, x)
+
+
+def save_params(directory: str | os.PathLike, params: Any, meta: dict[str, Any]) -> Path:
+    """Writes ``params`` (orbax) and ``meta`` (JSON) into ``directory``, replacing what was there."""
+    directory = Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory / "params", jax.device_get(params), force=True)
+    checkpointer.wait_until_finished()
+    (directory / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=_json_default) + "\n")
+    return directory
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, (np.ndarray, jax.Array)):
+        return np.asarray(obj).tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def load_params(directory: str | os.PathLike, template: Any) -> Any:
+    """Restores parameters saved by :func:`save_params` into the structure, shapes and dtypes of ``template``.
+
+    Raises:
+      CheckpointError: the folder is missing, unreadable, or holds a different structure or shapes.
+    """
+    directory = Path(directory).resolve()
+    params_dir = directory / "params"
+    if not params_dir.is_dir():
+        raise CheckpointError(f"no checkpoint at {params_dir}")
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype), template)
+    try:
+        restored = ocp.StandardCheckpointer().restore(params_dir, abstract)
+    except Exception as err:  # orbax raises many types for corrupt or mismatched files
+        raise CheckpointError(f"cannot restore {params_dir}: corrupt or written for another model "
+                              f"({type(err).__name__}: {err})") from err
+    got = jax.tree.map(np.shape, restored)
+    want = jax.tree.map(np.shape, template)
+    if got != want:
+        raise CheckpointError(f"{params_dir} holds parameters of other shapes: {got} != {want}")
+    return restored
+
+
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / "meta.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+
+
+def load_model(dataset: str, name: str, checkpoints: str | os.PathLike | None = None
+               ) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """The module, parameters and card of a trained model.
+
+    Raises:
+      CheckpointError: no such model, or no trained weights (the message gives the command that trains them).
+    """
+    spec = model_spec(dataset, name)
+    module = spec.build()
+    directory = checkpoints_dir(checkpoints) / dataset / name
+    if not (directory / "params").is_dir():
+        raise CheckpointError(f"no trained {dataset}/{name} at {directory}; train it with: {spec.train_command}")
+    template = init_params(module, dataset, jax.random.key(0))
+    return module, load_params(directory, template), read_meta(directory)

@@ -1,0 +1,83 @@
+"""Command-line plumbing the entry points share: arguments, data, export of the trained weights."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from magnet_mi_jax import checkpoint, data
+from magnet_mi_jax.utils import device_description, git_commit
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--dataset", choices=data.DATASETS, required=True)
+    parser.add_argument("--data-dir", default=None,
+                        help=f"folder with the official dataset files (default: ${data.DATA_DIR_ENV}, else TFDS)")
+    parser.add_argument("--source", default="auto", choices=("auto", "files", "tfds"))
+    parser.add_argument("--epochs", type=int, default=None, help="override the config's epoch count")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None, help="override the config's learning rate")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-limit", type=int, default=None,
+                        help="train on the first N training images only (smoke tests)")
+    parser.add_argument("--workdir", default=None,
+                        help="resumable run state (default: workdirs/<dataset>/<model>); rerun to resume")
+    parser.add_argument("--checkpoints", default=None,
+                        help="where the trained weights are exported (default: the repository's checkpoints/)")
+    return parser
+
+
+def override(config, args: argparse.Namespace):
+    """The config with the command-line overrides applied."""
+    changes = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
+                                 ("learning_rate", args.lr)) if v is not None}
+    return dataclasses.replace(config, **changes)
+
+
+def load_data(args: argparse.Namespace) -> data.Dataset:
+    ds = data.load_dataset(args.dataset, data_dir=args.data_dir, source=args.source)
+    if args.train_limit is not None:
+        ds = dataclasses.replace(ds, train_x=ds.train_x[:args.train_limit], train_y=ds.train_y[:args.train_limit])
+    return ds
+
+
+def workdir(args: argparse.Namespace, name: str) -> Path:
+    return Path(args.workdir) if args.workdir else Path("workdirs") / args.dataset / name
+
+
+def command_line(argv: list[str] | None, module: str) -> str:
+    argv = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", "-m", module, *map(shlex.quote, argv)])
+
+
+def export(args: argparse.Namespace, name: str, params: Any, config, ds: data.Dataset, command: str,
+           metrics: dict[str, Any], history: list[dict]) -> Path:
+    """Writes the trained weights and their card to ``<checkpoints>/<dataset>/<name>``."""
+    meta = {
+        "model": f"{args.dataset}/{name}",
+        "command": command,
+        "seed": args.seed,
+        "config": dataclasses.asdict(config),
+        "train_limit": args.train_limit,
+        "data_source": ds.source,
+        "data_md5": ds.md5,
+        "git_commit": git_commit(),
+        "device": device_description(),
+        "metrics": metrics,
+        "history": history,
+    }
+    out = checkpoint.checkpoints_dir(args.checkpoints) / args.dataset / name
+    checkpoint.save_params(out, params, meta)
+    print(f"saved {args.dataset}/{name} to {out}: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
+    return out
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(logits, axis=-1) == labels))

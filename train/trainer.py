@@ -1,0 +1,154 @@
+"""The training loop every entry point shares: jitted pure update, explicit keys, orbax resume, progress bar.
+
+The state is a plain pytree (:class:`TrainState`); one jitted ``update_fn(state, batch) -> (state, metrics)``
+advances it, drawing its randomness from ``fold_in(state.key, state.step)``. Batches come from a seeded
+permutation per epoch, so step ``s`` always sees the same images: a run interrupted at any step and
+restarted from its last checkpoint continues bit for bit where it stopped (on the same backend).
+
+Checkpoints (orbax ``CheckpointManager``, keyed by global step) are written at the end of every epoch, every
+``checkpoint_every`` steps, and on exit (including Ctrl-C); a restart with the same ``workdir`` resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, jnp.ndarray]
+LossFn = Callable[[Any, Batch, jax.Array], tuple[jnp.ndarray, dict[str, jnp.ndarray]]]
+
+
+class TrainState(NamedTuple):
+    """Everything a run needs to continue: a plain pytree."""
+
+    step: jnp.ndarray          # () int32, global step
+    params: Any
+    opt_state: Any
+    key: jax.Array             # base PRNG key; step s uses fold_in(key, s)
+
+
+def make_update_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation):
+    """The jitted pure step: (state, batch) -> (state, metrics).
+
+    ``loss_fn(params, batch, key) -> (loss, metrics)`` is differentiated w.r.t. ``params``.
+    """
+
+    @jax.jit
+    def update_fn(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jnp.ndarray]]:
+        key = jax.random.fold_in(state.key, state.step)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(state.step + 1, params, opt_state, state.key), {"loss": loss, **metrics}
+
+    return update_fn
+
+
+@dataclasses.dataclass
+class LoopConfig:
+    epochs: int
+    batch_size: int
+    seed: int
+    workdir: Path
+    checkpoint_every: int = 500     # steps between mid-epoch checkpoints
+    log_every: int = 20             # steps between progress-bar updates (each one syncs with the host)
+    max_to_keep: int = 2
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The permutation of the training set used in ``epoch`` (deterministic in seed and epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def fit(config: LoopConfig, state: TrainState, update_fn, arrays: dict[str, np.ndarray],
+        evaluate: Callable[[Any], dict[str, float]] | None = None, desc: str = "train") -> tuple[TrainState, list]:
+    """Runs (or resumes) training for ``config.epochs`` epochs over ``arrays`` (same-length NumPy arrays).
+
+    Args:
+      config: loop settings; ``config.workdir`` holds the resumable checkpoints.
+      state: the freshly initialised state; replaced by the latest checkpoint in ``workdir`` if there is one.
+      update_fn: from :func:`make_update_fn`.
+      arrays: e.g. ``{"image": (N, H, W, C), "label": (N,)}``; batches are dicts of the same keys.
+      evaluate: params -> metrics, run at the end of every epoch (validation).
+      desc: progress-bar label.
+
+    Returns:
+      The final state and the list of per-epoch records (train metrics averaged, eval metrics, seconds).
+    """
+    n = len(next(iter(arrays.values())))
+    steps_per_epoch = n // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{n} training examples is fewer than one batch of {config.batch_size}")
+    total_steps = steps_per_epoch * config.epochs
+
+    manager = ocp.CheckpointManager(
+        Path(config.workdir).resolve() / "checkpoints",
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.max_to_keep, create=True),
+    )
+    history_path = Path(config.workdir) / "history.jsonl"
+    latest = manager.latest_step()
+    if latest is not None:
+        state = manager.restore(latest, args=ocp.args.StandardRestore(jax.device_get(state)))
+        state = TrainState(*state)
+        log.info("resumed from %s at step %d", config.workdir, int(state.step))
+        print(f"resuming {desc} from step {int(state.step)} ({config.workdir})")
+
+    def save(force: bool = False):
+        step = int(state.step)
+        if manager.latest_step() != step:
+            manager.save(step, args=ocp.args.StandardSave(jax.device_get(state)), force=force)
+
+    history = []
+    try:
+        start_step = int(state.step)
+        for epoch in range(start_step // steps_per_epoch, config.epochs):
+            order = epoch_order(config.seed, epoch, n)
+            first = int(state.step) - epoch * steps_per_epoch
+            sums: dict[str, jnp.ndarray] = {}
+            t0 = time.perf_counter()
+            bar = tqdm(range(first, steps_per_epoch), desc=f"{desc} epoch {epoch + 1}/{config.epochs}",
+                       initial=first, total=steps_per_epoch, leave=False, dynamic_ncols=True, mininterval=1.0)
+            for i in bar:
+                idx = order[i * config.batch_size:(i + 1) * config.batch_size]
+                batch = {k: v[idx] for k, v in arrays.items()}
+                state, metrics = update_fn(state, batch)
+                sums = metrics if not sums else jax.tree.map(jnp.add, sums, metrics)
+                if (i + 1) % config.log_every == 0:
+                    done = i + 1 - first
+                    bar.set_postfix({k: f"{float(v) / done:.4f}" for k, v in sums.items()})
+                if (i + 1) % config.checkpoint_every == 0 and i + 1 < steps_per_epoch:
+                    save()
+            bar.close()
+            record = {"epoch": epoch + 1, "step": int(state.step), "seconds": time.perf_counter() - t0}
+            done = steps_per_epoch - first
+            record.update({f"train_{k}": float(v) / done for k, v in sums.items()})
+            if evaluate is not None:
+                record.update({f"val_{k}": float(v) for k, v in evaluate(state.params).items()})
+            history.append(record)
+            with open(history_path, "a") as f:
+                f.write(_json_line(record))
+            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            save()
+    finally:  # on normal exit, Ctrl-C or an error: keep what has been computed
+        save(force=True)
+        manager.wait_until_finished()
+        manager.close()
+    assert int(state.step) == total_steps, (int(state.step), total_steps)
+    return state, history
+
+
+def _json_line(record: dict) -> str:
+    import json
+    return json.dumps(record) + "\n"
