@@ -1,0 +1,406 @@
+"""MagNet's detectors and reformer (Meng & Chen 2017; Trevillie/MagNet ``worker.py``) as pure functions.
+
+Networks are passed as *apply functions* with their parameters, the Flax convention
+``module.apply(params, x)``:
+
+* classifier  ``Z(params, x) -> logits`` (B, K);
+* auto-encoder ``AE(params, x) -> x'`` (B, H, W, C), same shape as ``x``.
+
+Scores (larger = more suspicious), per example b of a batch ``x`` (B, H, W, C):
+
+* reconstruction error (``AEDetector``):  s_b = mean_{h,w,c} |x_b - AE(x_b)|^p, p = 1 or 2;
+* Jensen-Shannon divergence (``DBDetector``, natural log), with P = softmax(Z(x)/T) and
+  Q = softmax(Z(R(x))/T):
+      JSD(P, Q) = 1/2 KL(P || M) + 1/2 KL(Q || M),  M = (P + Q)/2,  0 <= JSD <= log 2;
+* reformer (``SimpleReformer``): R(x) = clip(AE(x), 0, 1).
+
+As in MagNet's code, the reconstruction-error detector compares x with the raw auto-encoder output and the
+JSD detector classifies the *reformed* image clip(AE(x), 0, 1) (MagNet's ``DBDetector`` calls the
+reformer's ``heal``). The package's auto-encoders end in a sigmoid, so the clip changes nothing for them.
+
+A defense is described by a small frozen dataclass, :class:`MagNet`, naming the networks by key; the
+networks themselves come as two mappings, ``applies`` (key -> apply function, static) and ``params``
+(key -> parameter pytree, traced). :func:`magnet_forward` computes every detector's score, the classifier's
+logits on x and on the reformed x in one pass, sharing each auto-encoder's output between the detectors that
+use it. Presets: :data:`MNIST_MAGNET` and :data:`CIFAR10_MAGNET` (DESIGN.md section 5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, NamedTuple, Union
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from magnet_mi_jax.detectors import _checks
+from magnet_mi_jax.detectors.thresholds import check_rate
+
+__all__ = [
+    "softmax_t", "reconstruction_error", "jensen_shannon", "reform", "reconstruction_score", "jsd_score",
+    "ReconstructionDetector", "JSDDetector", "MagNet", "MagNetOutputs", "magnet_forward", "make_magnet_fn",
+    "map_batches", "MNIST_MAGNET", "CIFAR10_MAGNET", "MAGNET_PRESETS",
+]
+
+Apply = Callable[..., jnp.ndarray]
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure scores.
+# --------------------------------------------------------------------------------------------------
+
+
+def softmax_t(logits, temperature: float = 1.0) -> jnp.ndarray:
+    """softmax(Z / T) along the last axis.
+
+    Args:
+      logits: (..., K) float logits Z.
+      temperature: T > 0 (a static Python number).
+
+    Returns:
+      (..., K) probabilities, same dtype as ``logits``.
+    """
+    logits = _checks.check_float(logits, "logits")
+    t = _checks.check_temperature(temperature)
+    return jax.nn.softmax(logits / t, axis=-1)
+
+
+def reconstruction_error(x, x_rec, p: float = 1.0) -> jnp.ndarray:
+    """MagNet's reconstruction-error score: s_b = mean over (H, W, C) of |x_b - x_rec_b|^p.
+
+    Args:
+      x: (B, H, W, C) float images.
+      x_rec: (B, H, W, C) their reconstructions AE(x).
+      p: the norm's exponent (MagNet: 2 for MNIST detector I, 1 for detector II and CIFAR), p > 0.
+
+    Returns:
+      (B,) scores, dtype of ``x``.
+    """
+    x = _checks.check_images(x, "x")
+    x_rec = _checks.check_images(x_rec, "x_rec")
+    chex.assert_equal_shape([x, x_rec])
+    p = _checks.check_temperature(p, "p")
+    d = jnp.abs(x - x_rec)
+    d = d * d if p == 2.0 else (d if p == 1.0 else d ** p)  # exact, gradient-safe forms for p = 1, 2
+    out = jnp.mean(d, axis=(1, 2, 3))
+    chex.assert_shape(out, (x.shape[0],))
+    return out
+
+
+def _xlogy_ratio(p, m):
+    """Elementwise p * log(p / m) with 0 log 0 = 0; finite value and gradient when p = 0."""
+    pos = p > 0
+    safe_p = jnp.where(pos, p, 1.0)
+    safe_m = jnp.where(pos, m, 1.0)
+    return jnp.where(pos, p * (jnp.log(safe_p) - jnp.log(safe_m)), 0.0)
+
+
+def _jensen_shannon(p, q):
+    m = 0.5 * (p + q)
+    kl_pm = jnp.sum(_xlogy_ratio(p, m), axis=-1)
+    kl_qm = jnp.sum(_xlogy_ratio(q, m), axis=-1)
+    # Each KL is >= 0 mathematically; rounding can leave -1e-9. JSD <= log 2 likewise.
+    return jnp.clip(0.5 * (kl_pm + kl_qm), 0.0, jnp.log(2.0))
+
+
+def jensen_shannon(p, q) -> jnp.ndarray:
+    """Jensen-Shannon divergence between the rows of two probability batches, natural log.
+
+    JSD(P, Q) = 1/2 sum_i P_i log(P_i / M_i) + 1/2 sum_i Q_i log(Q_i / M_i),  M = (P + Q)/2, with 0 log 0 = 0.
+    The result lies in [0, log 2] (clipped there against rounding). MagNet L1-normalises P and Q first; here
+    rows must already sum to one (checked on concrete inputs).
+
+    Args:
+      p: (B, K) probabilities.
+      q: (B, K) probabilities.
+
+    Returns:
+      (B,) divergences.
+    """
+    p = _checks.check_probabilities(p, "p", 2)
+    q = _checks.check_probabilities(q, "q", 2)
+    chex.assert_equal_shape([p, q])
+    out = _jensen_shannon(p, q)
+    chex.assert_shape(out, (p.shape[0],))
+    return out
+
+
+def reform(autoencoder: Apply, params: Any, x) -> jnp.ndarray:
+    """MagNet's reformer R(x) = clip(AE(x), 0, 1).
+
+    Args:
+      autoencoder: ``AE(params, x) -> x'``.
+      params: its parameters.
+      x: (B, H, W, C) float images.
+
+    Returns:
+      (B, H, W, C) reformed images in [0, 1].
+    """
+    x = _checks.check_images(x)
+    out = autoencoder(params, x)
+    chex.assert_equal_shape([out, x])
+    return jnp.clip(out, 0.0, 1.0)
+
+
+def reconstruction_score(autoencoder: Apply, params: Any, x, p: float = 1.0) -> jnp.ndarray:
+    """Reconstruction-error detector score mean |x - AE(x)|^p of a batch (B, H, W, C) -> (B,)."""
+    x = _checks.check_images(x)
+    return reconstruction_error(x, autoencoder(params, x), p)
+
+
+def jsd_score(classifier: Apply, classifier_params: Any, autoencoder: Apply, autoencoder_params: Any, x,
+              temperature: float = 1.0) -> jnp.ndarray:
+    """JSD detector score JSD(softmax(Z(x)/T), softmax(Z(R(x))/T)), R(x) = clip(AE(x), 0, 1).
+
+    Args:
+      classifier: ``Z(params, x) -> logits (B, K)``.
+      classifier_params: its parameters.
+      autoencoder: ``AE(params, x) -> x'``.
+      autoencoder_params: its parameters.
+      x: (B, H, W, C) float images.
+      temperature: T > 0 (MagNet CIFAR: 10 and 40).
+
+    Returns:
+      (B,) divergences in [0, log 2].
+    """
+    x = _checks.check_images(x)
+    p = softmax_t(classifier(classifier_params, x), temperature)
+    q = softmax_t(classifier(classifier_params, reform(autoencoder, autoencoder_params, x)), temperature)
+    return _jensen_shannon(p, q)
+
+
+# --------------------------------------------------------------------------------------------------
+# Composable description of a MagNet defense.
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_name(name, what):
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what} must be a non-empty string, got {name!r}")
+
+
+def _check_size(n):
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"calibration_size must be a positive int, got {n!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconstructionDetector:
+    """Reconstruction-error detector: score mean |x - AE(x)|^p, flagged iff score >= its threshold.
+
+    Attributes:
+      name: the detector's name (key of its score, e.g. ``"I"``).
+      autoencoder: key of the auto-encoder in the ``applies``/``params`` mappings.
+      p: exponent p > 0.
+      fpr: false-positive rate r in (0, 1) at which the threshold is calibrated.
+      calibration_size: how many (leading) validation images calibrate it (MagNet: all 5,000).
+    """
+
+    name: str
+    autoencoder: str
+    p: float
+    fpr: float
+    calibration_size: int = 5000
+
+    def __post_init__(self):
+        _check_name(self.name, "detector name")
+        _check_name(self.autoencoder, "auto-encoder key")
+        _checks.check_temperature(self.p, "p")
+        check_rate(self.fpr)
+        _check_size(self.calibration_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class JSDDetector:
+    """JSD detector at temperature T: score JSD(softmax(Z(x)/T), softmax(Z(clip(AE(x)))/T)).
+
+    Attributes:
+      name: the detector's name (e.g. ``"JSD-T10"``).
+      autoencoder: key of the auto-encoder whose reformed output is compared.
+      temperature: T > 0.
+      fpr: false-positive rate r in (0, 1).
+      calibration_size: how many (leading) validation images calibrate it (MagNet: all 5,000).
+    """
+
+    name: str
+    autoencoder: str
+    temperature: float
+    fpr: float
+    calibration_size: int = 5000
+
+    def __post_init__(self):
+        _check_name(self.name, "detector name")
+        _check_name(self.autoencoder, "auto-encoder key")
+        _checks.check_temperature(self.temperature)
+        check_rate(self.fpr)
+        _check_size(self.calibration_size)
+
+
+Detector = Union[ReconstructionDetector, JSDDetector]
+
+
+@dataclasses.dataclass(frozen=True)
+class MagNet:
+    """A MagNet defense: detectors (an input is rejected if any flags it) and a reformer.
+
+    Attributes:
+      detectors: tuple of :class:`ReconstructionDetector` / :class:`JSDDetector` with distinct names.
+      reformer: key of the reformer's auto-encoder; R(x) = clip(AE(x), 0, 1).
+      classifier: key of the classifier.
+    """
+
+    detectors: tuple
+    reformer: str
+    classifier: str = "classifier"
+
+    def __post_init__(self):
+        dets = tuple(self.detectors)
+        object.__setattr__(self, "detectors", dets)
+        for d in dets:
+            if not isinstance(d, (ReconstructionDetector, JSDDetector)):
+                raise TypeError(f"unknown detector {d!r}")
+        names = [d.name for d in dets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"detector names must be distinct, got {names}")
+        _check_name(self.reformer, "reformer key")
+        _check_name(self.classifier, "classifier key")
+
+    @property
+    def detector_names(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.detectors)
+
+    @property
+    def network_keys(self) -> tuple[str, ...]:
+        """Every key this defense reads from ``applies`` and ``params``."""
+        keys = [self.classifier, self.reformer] + [d.autoencoder for d in self.detectors]
+        return tuple(dict.fromkeys(keys))
+
+
+MNIST_MAGNET = MagNet(
+    detectors=(ReconstructionDetector("I", "ae_i", p=2, fpr=0.001),
+               ReconstructionDetector("II", "ae_ii", p=1, fpr=0.001)),
+    reformer="ae_i")
+"""MagNet on MNIST: detector I = AE-I with p = 2, detector II = AE-II with p = 1, r = 0.001 each on the
+5,000 validation images; reformer AE-I. Keys match :func:`magnet_mi_jax.checkpoint.load_model` names."""
+
+CIFAR10_MAGNET = MagNet(
+    detectors=(ReconstructionDetector("AE", "ae", p=1, fpr=0.005),
+               JSDDetector("JSD-T10", "ae", temperature=10, fpr=0.01),
+               JSDDetector("JSD-T40", "ae", temperature=40, fpr=0.01)),
+    reformer="ae")
+"""MagNet on CIFAR-10: reconstruction error of the AE with p = 1 at r = 0.005, JSD at T = 10 and T = 40 at
+r = 0.01 each (5,000 validation images); reformer the same AE."""
+
+MAGNET_PRESETS = {"mnist": MNIST_MAGNET, "cifar10": CIFAR10_MAGNET}
+
+
+class MagNetOutputs(NamedTuple):
+    """Everything one MagNet pass computes for a batch of B images.
+
+    Attributes:
+      scores: detector name -> (B,) score.
+      logits: (B, K) classifier logits Z(x) on the input.
+      reformed: (B, H, W, C) R(x) = clip(AE_reformer(x), 0, 1).
+      reformed_logits: (B, K) Z(R(x)).
+    """
+
+    scores: dict
+    logits: jnp.ndarray
+    reformed: jnp.ndarray
+    reformed_logits: jnp.ndarray
+
+
+def check_networks(keys, applies: Mapping[str, Apply], params: Mapping[str, Any]) -> None:
+    """Raises a KeyError naming every network key missing from ``applies`` or ``params``."""
+    missing = [k for k in keys if k not in applies or k not in params]
+    if missing:
+        raise KeyError(f"networks {missing} are missing; applies has {sorted(applies)}, params has {sorted(params)}")
+
+
+def magnet_forward(spec: MagNet, applies: Mapping[str, Apply], params: Mapping[str, Any], x) -> MagNetOutputs:
+    """One MagNet pass over a batch: every detector's score, Z(x), R(x) and Z(R(x)).
+
+    Each auto-encoder runs once and each reformed image is classified once, however many detectors share
+    them. Pure and jittable (``applies`` and ``spec`` static, ``params`` and ``x`` traced); see
+    :func:`make_magnet_fn`.
+
+    Args:
+      spec: the defense.
+      applies: key -> apply function (classifier ``Z(params, x) -> (B, K)``, auto-encoders
+        ``AE(params, x) -> (B, H, W, C)``).
+      params: key -> parameters.
+      x: (B, H, W, C) float images in [0, 1].
+
+    Returns:
+      :class:`MagNetOutputs`.
+    """
+    check_networks(spec.network_keys, applies, params)
+    x = _checks.check_images(x)
+    z = lambda v: applies[spec.classifier](params[spec.classifier], v)  # noqa: E731
+    recon, reformed_logits = {}, {}
+
+    def ae(key):
+        if key not in recon:
+            out = applies[key](params[key], x)
+            chex.assert_equal_shape([out, x])
+            recon[key] = out
+        return recon[key]
+
+    def z_reformed(key):
+        if key not in reformed_logits:
+            reformed_logits[key] = z(jnp.clip(ae(key), 0.0, 1.0))
+        return reformed_logits[key]
+
+    logits = z(x)
+    chex.assert_rank(logits, 2)
+    chex.assert_axis_dimension(logits, 0, x.shape[0])
+    scores = {}
+    for det in spec.detectors:  # static loop over the (2-3) configured detectors, unrolled at trace time
+        if isinstance(det, ReconstructionDetector):
+            scores[det.name] = reconstruction_error(x, ae(det.autoencoder), det.p)
+        else:
+            scores[det.name] = _jensen_shannon(softmax_t(logits, det.temperature),
+                                               softmax_t(z_reformed(det.autoencoder), det.temperature))
+    reformed = jnp.clip(ae(spec.reformer), 0.0, 1.0)
+    return MagNetOutputs(scores=scores, logits=logits, reformed=reformed,
+                         reformed_logits=z_reformed(spec.reformer))
+
+
+def make_magnet_fn(spec: MagNet, applies: Mapping[str, Apply]) -> Callable[[Mapping[str, Any], Any], MagNetOutputs]:
+    """``jax.jit`` of :func:`magnet_forward` with the defense and the apply functions fixed: ``f(params, x)``."""
+    check_networks(spec.network_keys, applies, dict.fromkeys(spec.network_keys))
+    return jax.jit(functools.partial(magnet_forward, spec, dict(applies)))
+
+
+def map_batches(fn: Callable, x, batch_size: int = 500):
+    """Applies a batch function to ``x`` in chunks of one shape and concatenates the outputs (any pytree).
+
+    The last chunk is padded by repeating its last image, so a jitted ``fn`` compiles once; the padding's
+    outputs are dropped. Every leaf of ``fn``'s output must have the batch on axis 0.
+
+    Args:
+      fn: ``fn(x_chunk (b, ...)) -> pytree of arrays (b, ...)``.
+      x: (N, ...) inputs (NumPy or JAX).
+      batch_size: chunk size b >= 1.
+
+    Returns:
+      The pytree with NumPy leaves of leading size N.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    n = len(x)
+    if n == 0:
+        raise ValueError("map_batches needs at least one input")
+    b = min(batch_size, n)
+    outs = []
+    for start in range(0, n, b):
+        chunk = np.asarray(x[start:start + b])
+        pad = b - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+        out = jax.device_get(fn(chunk))
+        outs.append(jax.tree.map(lambda a, k=b - pad: np.asarray(a)[:k], out))
+    return jax.tree.map(lambda *leaves: np.concatenate(leaves), *outs)
