@@ -63,13 +63,13 @@ READINGS = ("literal", "consistent")
 def _entropy(p, axis=-1):
     pos = p > 0
     safe = jnp.where(pos, p, 1.0)
-    return -jnp.sum(jnp.where(pos, p * jnp.log(safe), 0.0), axis=axis)
+    return 0.0 - jnp.sum(jnp.where(pos, p * jnp.log(safe), 0.0), axis=axis)  # 0 - 0 = +0, not -0
 
 
-def _safe_divide(num, den):
-    """num / den where den > 0, else 0; finite value and gradient everywhere."""
-    pos = den > 0
-    return jnp.where(pos, num / jnp.where(pos, den, 1.0), 0.0)
+def _jaccard(mi, h_xy):
+    """d_J = 1 - I / H(X,Y) where H(X,Y) > 0, else 0; finite value and gradient everywhere."""
+    pos = h_xy > 0
+    return jnp.where(pos, 1.0 - mi / jnp.where(pos, h_xy, 1.0), 0.0)
 
 
 class MIQuantities(NamedTuple):
@@ -104,7 +104,12 @@ def _mi_quantities(p_x, p_y, table, reading):
         h_xy = _entropy(joint.reshape(joint.shape[0], -1))
     mi = h_x - h_x_given_y
     return MIQuantities(h_x=h_x, h_y=h_y, h_x_given_y=h_x_given_y, mutual_information=mi, h_xy=h_xy,
-                        jaccard=1.0 - _safe_divide(mi, h_xy))
+                        jaccard=_jaccard(mi, h_xy))
+
+
+# Jitted cores of the public checked functions: one compilation per shape, dtype and reading.
+_entropy_jit = jax.jit(_entropy)
+_mi_quantities_jit = jax.jit(_mi_quantities, static_argnums=3)
 
 
 def _check_reading(reading):
@@ -136,7 +141,7 @@ def entropy(p) -> jnp.ndarray:
       (B,) entropies in [0, log K].
     """
     p = _checks.check_probabilities(p, "p", 2)
-    out = _entropy(p)
+    out = _entropy_jit(p)
     chex.assert_shape(out, p.shape[:1])
     return out
 
@@ -152,7 +157,7 @@ def conditional_entropy(p_y, table) -> jnp.ndarray:
       (B,) conditional entropies in [0, log K].
     """
     _, p_y, table = _check_inputs(None, p_y, table)
-    out = jnp.sum(p_y * _entropy(table), axis=-1)
+    out = _mi_quantities_jit(p_y, p_y, table, "literal").h_x_given_y
     chex.assert_shape(out, p_y.shape[:1])
     return out
 
@@ -222,7 +227,7 @@ def mi_quantities(p_x, p_y, table, reading: str = "literal") -> MIQuantities:
     """
     _check_reading(reading)
     p_x, p_y, table = _check_inputs(p_x, p_y, table)
-    out = _mi_quantities(p_x, p_y, table, reading)
+    out = _mi_quantities_jit(p_x, p_y, table, reading)
     chex.assert_shape(list(out), p_y.shape[:1])
     chex.assert_type(list(out), p_y.dtype)
     return out
