@@ -251,7 +251,7 @@ def load_tfds(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
         n = len(source)
         if n == 0:
             raise DataError(f"TFDS returned an empty split for '{name}'")
-        records = source.__getitems__(range(n)) if hasattr(source, "__getitems__") else [source[i] for i in range(n)]
+        records = [source[i] for i in range(n)]
         images = np.stack([np.asarray(r["image"], dtype=np.uint8) for r in records])
         labels = np.asarray([int(r["label"]) for r in records], dtype=np.int32)
         return images, labels

@@ -25,6 +25,9 @@ from magnet_mi_jax.models.layers import Conv
 Layer = Union[int, str]
 
 
+_glorot = nn.initializers.glorot_uniform()  # Keras' default, as in MagNet
+
+
 def _upsample2(x: jnp.ndarray) -> jnp.ndarray:
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
@@ -38,8 +41,8 @@ class DenoisingAutoEncoder(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         def conv(h, features, name):
-            h = jax.nn.sigmoid(Conv(features, (3, 3), padding="SAME", name=name)(h))
-            self.sow("activity", name, h)
+            h = jax.nn.sigmoid(Conv(features, (3, 3), padding="SAME", kernel_init=_glorot, name=name)(h))
+            self.sow("activity", f"{name}_output", h)
             return h
 
         n = 0

@@ -1,0 +1,159 @@
+"""Training entry points: resume after interruption, determinism, export, and the networks' shapes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from magnet_mi_jax import checkpoint
+from magnet_mi_jax.models import CifarClassifier, MnistClassifier, cifar_ae, mnist_ae_i, mnist_ae_ii
+from train import autoencoder, classifier, trainer
+
+
+@pytest.mark.parametrize("build,shape,out", [
+    (MnistClassifier, (2, 28, 28, 1), (2, 10)),
+    (CifarClassifier, (2, 32, 32, 3), (2, 10)),
+    (mnist_ae_i, (2, 28, 28, 1), (2, 28, 28, 1)),
+    (mnist_ae_ii, (2, 28, 28, 1), (2, 28, 28, 1)),
+    (cifar_ae, (2, 32, 32, 3), (2, 32, 32, 3)),
+])
+def test_network_shapes(build, shape, out):
+    module = build()
+    params = module.init(jax.random.key(0), jnp.zeros(shape))
+    y = module.apply(params, jax.random.uniform(jax.random.key(1), shape))
+    assert y.shape == out and y.dtype == jnp.float32
+
+
+def test_parameter_counts_match_magnet():
+    count = lambda p: sum(x.size for x in jax.tree.leaves(p))  # noqa: E731
+    mnist = MnistClassifier().init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    # conv 3x3: 1->32, 32->32, 32->64, 64->64; dense 1024->200, 200->200, 200->10 (Keras summary: 312,202)
+    assert count(mnist) == 312_202
+    ae_i = checkpoint.init_params(mnist_ae_i(), "mnist", jax.random.key(0))
+    assert set(ae_i) == {"params"}  # the sown activities are not parameters
+    assert count(ae_i) == (9 * 1 * 3 + 3) + 3 * (9 * 3 * 3 + 3) + (9 * 3 * 1 + 1)
+    assert len(ae_i["params"]) == 5  # Conv3-[pool]-Conv3-Conv3-[up]-Conv3-Conv1
+
+
+def test_autoencoder_output_in_unit_interval_and_records_activity():
+    module = mnist_ae_ii()
+    x = jax.random.uniform(jax.random.key(0), (3, 28, 28, 1))
+    params = checkpoint.init_params(module, "mnist", jax.random.key(1))
+    y, state = module.apply(params, x, mutable=["activity"])
+    assert float(y.min()) > 0.0 and float(y.max()) < 1.0
+    assert len(jax.tree.leaves(state["activity"])) == 3
+
+
+def test_augment_shifts_and_flips_within_bounds():
+    x = jnp.arange(2 * 10 * 10, dtype=jnp.float32).reshape(2, 10, 10, 1)
+    out = classifier.augment(x, jax.random.key(0), max_shift=1)
+    assert out.shape == x.shape
+    # Every output row is a (possibly flipped) window of the edge-padded input: its values come from the image.
+    assert set(np.asarray(out).ravel().tolist()) <= set(np.asarray(x).ravel().tolist())
+    outs = [np.asarray(classifier.augment(x, jax.random.key(k), 1)) for k in range(8)]
+    assert any(not np.array_equal(o, x) for o in outs)
+
+
+def _toy_problem():
+    w_true = jnp.array([1.5, -2.0, 0.5])
+    x = np.asarray(jax.random.normal(jax.random.key(0), (64, 3)), np.float32)
+    y = np.asarray(x @ w_true, np.float32)
+
+    def loss_fn(params, batch, key):
+        noise = 0.01 * jax.random.normal(key, ())  # uses the step key: resume must restore it exactly
+        loss = jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2) + noise
+        return loss, {}
+
+    tx = optax.sgd(0.2, momentum=0.5)
+    params = {"w": jnp.zeros(3)}
+    state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key(1))
+    return state, trainer.make_update_fn(loss_fn, tx), {"x": x, "y": y}
+
+
+def test_fit_resumes_mid_epoch_bit_for_bit(tmp_path):
+    state0, update_fn, arrays = _toy_problem()
+    config = trainer.LoopConfig(epochs=3, batch_size=8, seed=0, workdir=tmp_path / "a", checkpoint_every=3)
+    reference, _ = trainer.fit(config, state0, update_fn, arrays)
+
+    calls = {"n": 0}
+
+    def interrupted(state, batch):
+        calls["n"] += 1
+        if calls["n"] == 13:  # epoch 2, step 5 of 8
+            raise KeyboardInterrupt
+        return update_fn(state, batch)
+
+    config_b = trainer.LoopConfig(epochs=3, batch_size=8, seed=0, workdir=tmp_path / "b", checkpoint_every=3)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(config_b, state0, interrupted, arrays)
+    resumed, _ = trainer.fit(config_b, state0, update_fn, arrays)  # restarts from the step-12 checkpoint
+    assert int(resumed.step) == 24
+    np.testing.assert_array_equal(np.asarray(resumed.params["w"]), np.asarray(reference.params["w"]))
+    np.testing.assert_allclose(np.asarray(reference.params["w"]), [1.5, -2.0, 0.5], atol=0.1)
+
+
+@pytest.mark.slow
+def test_classifier_entry_point_resumes_and_exports(tmp_path, data_dir):
+    common = ["--dataset", "mnist", "--data-dir", str(data_dir), "--train-limit", "1024", "--batch-size", "64",
+              "--seed", "3"]
+    full = classifier.main([*common, "--epochs", "2", "--workdir", str(tmp_path / "w1"),
+                            "--checkpoints", str(tmp_path / "c1")])
+    classifier.main([*common, "--epochs", "1", "--workdir", str(tmp_path / "w2"), "--checkpoints", str(tmp_path / "c2")])
+    resumed = classifier.main([*common, "--epochs", "2", "--workdir", str(tmp_path / "w2"),
+                               "--checkpoints", str(tmp_path / "c2")])
+    assert full["test_accuracy"] == resumed["test_accuracy"] and full["test_accuracy"] > 0.5
+    _, p1, meta = checkpoint.load_model("mnist", "classifier", tmp_path / "c1")
+    _, p2, _ = checkpoint.load_model("mnist", "classifier", tmp_path / "c2")
+    jax.tree.map(np.testing.assert_array_equal, p1, p2)
+    assert meta["seed"] == 3 and meta["metrics"]["test_accuracy"] == full["test_accuracy"]
+    assert meta["command"].startswith("python -m train.classifier --dataset mnist")
+    assert meta["data_md5"]["t10k-images-idx3-ubyte.gz"] == "9fb629c4189551a2d022fa330f9573f3"
+
+
+@pytest.mark.slow
+def test_autoencoder_entry_point_lowers_reconstruction_error(tmp_path, data_dir):
+    args = ["--dataset", "mnist", "--which", "ae_ii", "--data-dir", str(data_dir), "--train-limit", "4096",
+            "--batch-size", "32", "--workdir", str(tmp_path / "w"), "--checkpoints", str(tmp_path / "c")]
+    metrics = autoencoder.main([*args, "--epochs", "1"])
+    # The untrained sigmoid AE outputs ~0.5 everywhere: MSE ~ 0.2 on MNIST. Training must beat "output the mean".
+    assert metrics["test_mse"] < 0.09
+    module, params, meta = checkpoint.load_model("mnist", "ae_ii", tmp_path / "c")
+    assert meta["config"]["noise_sigma"] == 0.1
+
+
+def test_cifar_classifier_trains_a_few_steps(cifar10):
+    module = CifarClassifier()
+    config = classifier.ClassifierConfig(epochs=1, batch_size=16, augment=True)
+    params = module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    tx = classifier.optimizer(config)
+    state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key(1))
+    update_fn = trainer.make_update_fn(classifier.make_loss_fn(module, config, (32, 32, 3)), tx)
+    batch = {"image": cifar10.train_x[:16], "label": cifar10.train_y[:16]}
+    losses = []
+    for _ in range(6):
+        state, metrics = update_fn(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="python -m train.classifier --dataset mnist"):
+        checkpoint.load_model("mnist", "classifier", tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match="unknown model mnist/resnet"):
+        checkpoint.load_model("mnist", "resnet", tmp_path)
+    module = mnist_ae_ii()
+    params = module.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    checkpoint.save_params(tmp_path / "mnist" / "ae_ii", params, {"note": "test"})
+    # A checkpoint of another model does not load silently.
+    with pytest.raises(checkpoint.CheckpointError, match="cannot restore|other shapes"):
+        checkpoint.load_params(tmp_path / "mnist" / "ae_ii", mnist_ae_i().init(jax.random.key(0),
+                                                                               jnp.zeros((1, 28, 28, 1))))
+    # A corrupt checkpoint: the array data files are overwritten with garbage.
+    for f in (tmp_path / "mnist" / "ae_ii" / "params").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"garbage")
+    with pytest.raises(checkpoint.CheckpointError, match="cannot restore"):
+        checkpoint.load_model("mnist", "ae_ii", tmp_path)

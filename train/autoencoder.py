@@ -1,0 +1,106 @@
+"""Trains a MagNet denoising auto-encoder: ``python -m train.autoencoder --dataset mnist --which ae_i``.
+
+MagNet's recipe (Trevillie/MagNet ``train_defense.py``, ``defensive_models.py``):
+
+    min_theta  E_x || AE_theta(clip(x + sigma * n, 0, 1)) - x ||_2^2 / D  +  1e-9 * sum_layers ||a_l||_2^2 / B,
+    n ~ N(0, I),  sigma = 0.1 (MNIST) or 0.025 (CIFAR-10),
+
+with Adam, batch 256, 100 epochs (MagNet: constant lr 1e-3); ``a_l`` is each layer's output (Keras' L2 activity regulariser,
+averaged over the batch). MagNet draws the noise once for the whole run; here it is drawn afresh for every
+batch from the step's key (a strictly larger sample of the same noise distribution).
+
+Deviation, measured: with the all-sigmoid MagNet architecture, Adam at 1e-3 sits on the plateau
+"output the mean image" (validation MSE 0.099-0.100 after 3 epochs), while 1e-2 leaves it within two epochs
+(0.0045 after 3). The default config therefore starts at 1e-2 and decays to 1e-4 (cosine) over the run, which
+reaches a low reconstruction error in a CPU budget; ``--lr 1e-3 --constant-lr`` reproduces MagNet's optimiser.
+
+Models: ``ae_i`` (MNIST detector I and reformer), ``ae_ii`` (MNIST detector II), ``ae`` (CIFAR-10).
+The card records the test reconstruction errors: mean squared error and mean absolute error per pixel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from magnet_mi_jax import checkpoint
+from magnet_mi_jax.utils import batched_apply
+from train import common, trainer
+
+WHICH = {"mnist": ("ae_i", "ae_ii"), "cifar10": ("ae",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoEncoderConfig:
+    noise_sigma: float
+    epochs: int = 100
+    batch_size: int = 256
+    learning_rate: float = 1e-2
+    cosine_decay: bool = True     # decay to learning_rate / 100 over the run; False = MagNet's constant lr
+    activity_l2: float = 1e-9
+
+
+CONFIGS = {"mnist": AutoEncoderConfig(noise_sigma=0.1), "cifar10": AutoEncoderConfig(noise_sigma=0.025)}
+
+
+def make_loss_fn(module, config: AutoEncoderConfig):
+    def loss_fn(params, batch, key):
+        x = batch["image"]                                                  # (B, H, W, C)
+        noisy = jnp.clip(x + config.noise_sigma * jax.random.normal(key, x.shape), 0.0, 1.0)
+        recon, state = module.apply(params, noisy, mutable=["activity"])
+        mse = jnp.mean((recon - x) ** 2)
+        activity = sum(jnp.sum(a ** 2) for a in jax.tree.leaves(state["activity"])) / x.shape[0]
+        return mse + config.activity_l2 * activity, {"mse": mse}
+
+    return loss_fn
+
+
+def reconstruction_errors(module, params, x: np.ndarray) -> dict[str, float]:
+    """Mean squared and mean absolute per-pixel reconstruction error of clean images ``x``."""
+    apply = jax.jit(lambda chunk: module.apply(params, chunk))
+    recon = batched_apply(apply, x)
+    diff = recon - x
+    return {"mse": float(np.mean(diff ** 2)), "mae": float(np.mean(np.abs(diff)))}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--which", required=True, choices=sorted({w for ws in WHICH.values() for w in ws}),
+                        help="ae_i / ae_ii (MNIST), ae (CIFAR-10)")
+    parser.add_argument("--constant-lr", action="store_true", help="MagNet's constant learning rate")
+    args = parser.parse_args(argv)
+    if args.which not in WHICH[args.dataset]:
+        parser.error(f"--which {args.which} is not a {args.dataset} auto-encoder; choose from {WHICH[args.dataset]}")
+    command = common.command_line(argv, "train.autoencoder")
+    config = common.override(CONFIGS[args.dataset], args)
+    if args.constant_lr:
+        config = dataclasses.replace(config, cosine_decay=False)
+    ds = common.load_data(args)
+
+    module = checkpoint.model_spec(args.dataset, args.which).build()
+    init_key, state_key = jax.random.split(jax.random.key(args.seed))
+    params = checkpoint.init_params(module, args.dataset, init_key)
+    total_steps = len(ds.train_x) // config.batch_size * config.epochs
+    tx = optax.adam(optax.cosine_decay_schedule(config.learning_rate, total_steps, alpha=0.01)
+                    if config.cosine_decay else config.learning_rate)
+    state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), state_key)
+
+    update_fn = trainer.make_update_fn(make_loss_fn(module, config), tx)
+    loop = trainer.LoopConfig(epochs=config.epochs, batch_size=config.batch_size, seed=args.seed,
+                              workdir=common.workdir(args, args.which))
+    state, history = trainer.fit(loop, state, update_fn, {"image": ds.train_x},
+                                 lambda p: reconstruction_errors(module, p, ds.val_x),
+                                 desc=f"{args.dataset} {args.which}")
+    test = reconstruction_errors(module, state.params, ds.test_x)
+    metrics = {"test_mse": test["mse"], "test_mae": test["mae"],
+               "train_seconds": float(np.sum([h["seconds"] for h in history])) if history else None}
+    common.export(args, args.which, state.params, config, ds, command, metrics, history)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
