@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from magnet_mi_jax.data import IMAGE_SHAPES
-from magnet_mi_jax.models import autoencoder, classifier
+from magnet_mi_jax.models import alpha_gan, autoencoder, classifier
 
 CHECKPOINTS_ENV = "MAGNET_MI_CHECKPOINTS"
 DEFAULT_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
@@ -37,10 +37,15 @@ class CheckpointError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """How to build a named model and which command trains it."""
+    """How to build a named model and which command trains it.
+
+    ``init(module, key) -> params`` initialises a model whose ``__call__`` does not take a single image batch
+    (e.g. the alpha-GAN, which also takes a one-hot condition); ``None`` uses :func:`init_params`.
+    """
 
     build: Callable[[], nn.Module]
     train_command: str
+    init: Callable[[nn.Module, jax.Array], Any] | None = None
 
 
 MODELS: dict[tuple[str, str], ModelSpec] = {
@@ -49,6 +54,12 @@ MODELS: dict[tuple[str, str], ModelSpec] = {
     ("mnist", "ae_i"): ModelSpec(autoencoder.mnist_ae_i, "python -m train.autoencoder --dataset mnist --which ae_i"),
     ("mnist", "ae_ii"): ModelSpec(autoencoder.mnist_ae_ii, "python -m train.autoencoder --dataset mnist --which ae_ii"),
     ("cifar10", "ae"): ModelSpec(autoencoder.cifar_ae, "python -m train.autoencoder --dataset cifar10 --which ae"),
+    # Conditional alpha-GAN: load_model returns a ConditionalAlphaGAN; alpha_gan.encoder_fn(module) and
+    # alpha_gan.generator_fn(module) give encoder(params, x) and generator(params, z, y_onehot).
+    ("mnist", "generator"): ModelSpec(alpha_gan.mnist_alpha_gan, "python -m train.generator --dataset mnist",
+                                      alpha_gan.init_params),
+    ("cifar10", "generator"): ModelSpec(alpha_gan.cifar_alpha_gan, "python -m train.generator --dataset cifar10",
+                                        alpha_gan.init_params),
 }
 
 
@@ -72,9 +83,9 @@ def checkpoints_dir(path: str | os.PathLike | None = None) -> Path:
 
 
 def init_params(module: nn.Module, dataset: str, key: jax.Array, batch: int = 1) -> Any:
-    """Parameters of ``module`` initialised for ``dataset``'s image shape."""
+    """``{"params": ...}`` of ``module`` initialised for ``dataset``'s image shape (other collections dropped)."""
     x = jnp.zeros((batch, *IMAGE_SHAPES[dataset]), jnp.float32)
-    return module.init(key, x)
+    return {"params": module.init(key, x)["params"]}
 
 
 def save_params(directory: str | os.PathLike, params: Any, meta: dict[str, Any]) -> Path:
@@ -143,5 +154,6 @@ def load_model(dataset: str, name: str, checkpoints: str | os.PathLike | None = 
     directory = checkpoints_dir(checkpoints) / dataset / name
     if not (directory / "params").is_dir():
         raise CheckpointError(f"no trained {dataset}/{name} at {directory}; train it with: {spec.train_command}")
-    template = init_params(module, dataset, jax.random.key(0))
+    template = (spec.init(module, jax.random.key(0)) if spec.init is not None
+                else init_params(module, dataset, jax.random.key(0)))
     return module, load_params(directory, template), read_meta(directory)

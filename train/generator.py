@@ -1,0 +1,174 @@
+"""Trains the conditional alpha-GAN: ``python -m train.generator --dataset mnist|cifar10``.
+
+The networks and losses are :mod:`magnet_mi_jax.models.alpha_gan` (E, G, D, C; reconstruction, image-,
+code-adversarial and auxiliary-class terms). One jitted pure step updates all four networks; the run state is
+a :class:`train.trainer.TrainState` whose ``params`` hold the four networks and whose ``opt_state`` holds one
+Adam state per player (``"eg"``, ``"d"``, ``"c"``).
+
+Run state lives in ``--workdir`` (default ``workdirs/<dataset>/generator``): interrupt at any time and rerun
+the same command to resume. At the end the weights go to ``checkpoints/<dataset>/generator`` with a card
+(``meta.json``) holding the command, seed, config, wall time and the measured numbers:
+
+* ``test_reconstruction_l1``: mean |x - G(E(x), y)| over the first ``eval_images`` test images;
+* ``conditional_accuracy``: the trained classifier's accuracy on G(E(x), e_j) being class j, over all K
+  conditions j and the same test images (the paper's Figure 2 as a number), with the per-condition values;
+* ``reconstruction_accuracy``: the classifier's accuracy on G(E(x), y) being y.
+
+The classifier is ``checkpoints/<dataset>/classifier`` (or ``--classifier-checkpoints``); without one the
+classifier-based numbers are recorded as null. Per-epoch validation uses the first ``eval_images`` validation
+images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from magnet_mi_jax import checkpoint
+from magnet_mi_jax.models import alpha_gan
+from magnet_mi_jax.utils import batched_apply
+from train import common, trainer
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorConfig:
+    epochs: int
+    batch_size: int = 64
+    learning_rate: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    reconstruction_weight: float = 10.0   # lambda of the L1 term (per-pixel mean)
+    code_weight: float = 1.0
+    class_weight: float = 1.0              # auxiliary-classifier terms of L_EG and L_D
+    adversarial: str = "nonsaturating"     # or "logratio" (Rosca et al.)
+    eval_images: int = 1000
+
+    def loss_weights(self) -> alpha_gan.LossWeights:
+        return alpha_gan.LossWeights(reconstruction=self.reconstruction_weight, code=self.code_weight,
+                                     classes=self.class_weight, adversarial=self.adversarial)
+
+
+CONFIGS = {
+    "mnist": GeneratorConfig(epochs=10),
+    "cifar10": GeneratorConfig(epochs=100, batch_size=64),
+}
+
+
+def make_optimizers(config: GeneratorConfig):
+    return alpha_gan.make_optimizers(config.learning_rate, config.beta1, config.beta2)
+
+
+@functools.lru_cache(maxsize=4)
+def make_update_fn(module: alpha_gan.ConditionalAlphaGAN, config: GeneratorConfig):
+    """The jitted step (TrainState, {"image", "label"}) -> (TrainState, metrics); randomness fold_in(key, step).
+
+    Cached on (module, config), both hashable values, so repeated runs in one process compile once.
+    """
+    weights = config.loss_weights()
+    optimizers = make_optimizers(config)
+
+    @jax.jit
+    def update_fn(state: trainer.TrainState, batch):
+        key = jax.random.fold_in(state.key, state.step)
+        params, opt_state, metrics = alpha_gan.update_step(module, weights, optimizers, state.params,
+                                                           state.opt_state, batch["image"], batch["label"], key)
+        return trainer.TrainState(state.step + 1, params, opt_state, state.key), metrics
+
+    return update_fn
+
+
+def load_classifier(dataset: str, checkpoints):
+    """(logits function, card) of the trained classifier, or (None, None) when it has not been trained."""
+    try:
+        module, params, card = checkpoint.load_model(dataset, "classifier", checkpoints)
+    except checkpoint.CheckpointError as err:
+        print(f"no classifier for the conditional accuracy: {err}")
+        return None, None
+    apply = jax.jit(module.apply)
+    return (lambda x: apply(params, x)), card
+
+
+_all_conditions = jax.jit(alpha_gan.generate_all_conditions, static_argnums=0)
+
+
+def measure(module, params, images: np.ndarray, labels: np.ndarray, classify=None, batch_size: int = 100) -> dict:
+    """Reconstruction error and (with a classifier) conditional accuracy on ``images``.
+
+    Returns ``reconstruction_l1`` = mean |x - G(E(x), y)|; with ``classify`` also ``conditional_accuracy``
+    (over all K conditions), ``conditional_accuracy_per_class`` (K values) and ``reconstruction_accuracy``.
+    """
+    k = module.num_classes
+    generations = batched_apply(lambda x: _all_conditions(module, params, x), images, batch_size)  # (N,K,H,W,C)
+    rec = generations[np.arange(len(images)), labels]
+    out = {"reconstruction_l1": float(np.mean(np.abs(images - rec)))}
+    if classify is not None:
+        flat = generations.reshape(-1, *generations.shape[2:])
+        logits = batched_apply(classify, flat, 1000).reshape(len(images), k, -1)
+        hits = np.argmax(logits, -1) == np.arange(k)[None, :]                                # (N, K)
+        out["conditional_accuracy"] = float(alpha_gan.conditional_accuracy(jnp.asarray(logits)))
+        out["conditional_accuracy_per_class"] = [float(v) for v in hits.mean(0)]
+        out["reconstruction_accuracy"] = float(np.mean(np.argmax(logits[np.arange(len(images)), labels], -1)
+                                                       == labels))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    t_start = time.perf_counter()
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--rec-weight", type=float, default=None, help="override lambda (L1 reconstruction)")
+    parser.add_argument("--class-weight", type=float, default=None, help="override the auxiliary-class weight")
+    parser.add_argument("--eval-images", type=int, default=None, help="images for validation/test metrics")
+    parser.add_argument("--classifier-checkpoints", default=None,
+                        help="checkpoint root holding <dataset>/classifier for the conditional accuracy "
+                             "(default: --checkpoints)")
+    args = parser.parse_args(argv)
+    command = common.command_line(argv, "train.generator")
+    config = common.override(CONFIGS[args.dataset], args)
+    config = dataclasses.replace(config, **{k: v for k, v in (("reconstruction_weight", args.rec_weight),
+                                                              ("class_weight", args.class_weight),
+                                                              ("eval_images", args.eval_images)) if v is not None})
+    ds = common.load_data(args)
+
+    spec = checkpoint.model_spec(args.dataset, "generator")
+    module = spec.build()
+    init_key, state_key = jax.random.split(jax.random.key(args.seed))
+    params = spec.init(module, init_key)
+    optimizers = make_optimizers(config)
+    state = trainer.TrainState(jnp.zeros((), jnp.int32), params, alpha_gan.init_opt_state(optimizers, params),
+                               state_key)
+    classify, classifier_card = load_classifier(args.dataset, args.classifier_checkpoints or args.checkpoints)
+
+    n_eval = config.eval_images
+
+    def evaluate(params):
+        m = measure(module, params, ds.val_x[:n_eval], ds.val_y[:n_eval], classify)
+        return {k: v for k, v in m.items() if not isinstance(v, list)}
+
+    update_fn = make_update_fn(module, config)
+    loop = trainer.LoopConfig(epochs=config.epochs, batch_size=config.batch_size, seed=args.seed,
+                              workdir=common.workdir(args, "generator"))
+    state, history = trainer.fit(loop, state, update_fn, {"image": ds.train_x, "label": ds.train_y},
+                                 evaluate, desc=f"{args.dataset} generator")
+    test = measure(module, state.params, ds.test_x[:n_eval], ds.test_y[:n_eval], classify)
+    metrics = {
+        **{f"test_{k}" if k.startswith("reconstruction") else k: v for k, v in test.items()},
+        "eval_images": f"first {min(n_eval, len(ds.test_x))} test images",
+        "classifier": (None if classifier_card is None else
+                       {"command": classifier_card.get("command"),
+                        "test_accuracy": classifier_card.get("metrics", {}).get("test_accuracy")}),
+        "train_seconds": float(np.sum([h["seconds"] for h in history])) if history else None,
+        "wall_seconds_this_invocation": time.perf_counter() - t_start,
+        "parameters": {name: int(sum(np.size(a) for a in jax.tree.leaves(state.params["params"][name])))
+                       for name in alpha_gan.NETWORKS},
+    }
+    common.export(args, "generator", state.params, config, ds, command, metrics, history)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
