@@ -12,7 +12,8 @@ from magnet_mi_jax.detectors.defense import (Decision, DefenseOutputs, MIDetecto
                                              defense_forward, make_defense_fn, make_mi_strengthened_magnet,
                                              mi_magnet, mi_strengthened_magnet)
 from magnet_mi_jax.detectors.magnet import (CIFAR10_MAGNET, MAGNET_PRESETS, MNIST_MAGNET, JSDDetector, MagNet,
-                                            MagNetOutputs, ReconstructionDetector, jensen_shannon, jsd_score,
+                                            MagNetOutputs, ReconstructionDetector, jensen_shannon,
+                                            jensen_shannon_logits, jsd_score,
                                             magnet_forward, make_magnet_fn, map_batches, reconstruction_error,
                                             reconstruction_score, reform, softmax_t)
 from magnet_mi_jax.detectors.metrics import (DefenseAccuracy, DetectionRate, attack_accuracy, clean_accuracy,
@@ -27,7 +28,7 @@ __all__ = [
     "DetectionRate", "JSDDetector", "MIDetector", "MIMagNet", "MIOutputs", "MIParams", "MIQuantities", "MagNet",
     "MagNetOutputs", "ReconstructionDetector", "attack_accuracy", "calibrate", "clean_accuracy",
     "conditional_entropy", "conditional_table", "decide", "defense_forward", "detection_rates", "entropy",
-    "false_positive_rate", "flags", "jaccard_distance", "jensen_shannon", "joint_entropy", "jsd_score",
+    "false_positive_rate", "flags", "jaccard_distance", "jensen_shannon", "jensen_shannon_logits", "joint_entropy", "jsd_score",
     "magnet_forward", "make_defense_fn", "make_magnet_fn", "make_mi_score_fn", "make_mi_strengthened_magnet",
     "map_batches", "mi_magnet", "mi_quantities", "mi_score", "mi_strengthened_magnet", "mutual_information",
     "num_rejected", "passes", "reconstruction_error", "reconstruction_score", "reform", "roc_auc", "softmax_t",
