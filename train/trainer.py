@@ -11,8 +11,10 @@ Checkpoints (orbax ``CheckpointManager``, keyed by global step) are written at t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -85,7 +87,8 @@ def fit(config: LoopConfig, state: TrainState, update_fn, arrays: dict[str, np.n
       desc: progress-bar label.
 
     Returns:
-      The final state and the list of per-epoch records (train metrics averaged, eval metrics, seconds).
+      The final state and the per-epoch records of the whole run, restarts included (train metrics averaged
+      over the epoch's steps run in the last attempt, eval metrics, seconds).
     """
     n = len(next(iter(arrays.values())))
     steps_per_epoch = n // config.batch_size
@@ -111,42 +114,72 @@ def fit(config: LoopConfig, state: TrainState, update_fn, arrays: dict[str, np.n
             manager.save(step, args=ocp.args.StandardSave(jax.device_get(state)), force=force)
 
     history = []
-    try:
-        start_step = int(state.step)
-        for epoch in range(start_step // steps_per_epoch, config.epochs):
-            order = epoch_order(config.seed, epoch, n)
-            first = int(state.step) - epoch * steps_per_epoch
-            sums: dict[str, jnp.ndarray] = {}
-            t0 = time.perf_counter()
-            bar = tqdm(range(first, steps_per_epoch), desc=f"{desc} epoch {epoch + 1}/{config.epochs}",
-                       initial=first, total=steps_per_epoch, leave=False, dynamic_ncols=True, mininterval=1.0)
-            for i in bar:
-                idx = order[i * config.batch_size:(i + 1) * config.batch_size]
-                batch = {k: v[idx] for k, v in arrays.items()}
-                state, metrics = update_fn(state, batch)
-                sums = metrics if not sums else jax.tree.map(jnp.add, sums, metrics)
-                if (i + 1) % config.log_every == 0:
-                    done = i + 1 - first
-                    bar.set_postfix({k: f"{float(v) / done:.4f}" for k, v in sums.items()})
-                if (i + 1) % config.checkpoint_every == 0 and i + 1 < steps_per_epoch:
-                    save()
-            bar.close()
-            record = {"epoch": epoch + 1, "step": int(state.step), "seconds": time.perf_counter() - t0}
-            done = steps_per_epoch - first
-            record.update({f"train_{k}": float(v) / done for k, v in sums.items()})
-            if evaluate is not None:
-                record.update({f"val_{k}": float(v) for k, v in evaluate(state.params).items()})
-            history.append(record)
-            with open(history_path, "a") as f:
-                f.write(_json_line(record))
-            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-            save()
-    finally:  # on normal exit, Ctrl-C or an error: keep what has been computed
-        save(force=True)
-        manager.wait_until_finished()
-        manager.close()
+    with _terminate_as_exit():
+        try:
+            start_step = int(state.step)
+            for epoch in range(start_step // steps_per_epoch, config.epochs):
+                order = epoch_order(config.seed, epoch, n)
+                first = int(state.step) - epoch * steps_per_epoch
+                sums: dict[str, jnp.ndarray] = {}
+                t0 = time.perf_counter()
+                bar = tqdm(range(first, steps_per_epoch), desc=f"{desc} epoch {epoch + 1}/{config.epochs}",
+                           initial=first, total=steps_per_epoch, leave=False, dynamic_ncols=True, mininterval=1.0)
+                for i in bar:
+                    idx = order[i * config.batch_size:(i + 1) * config.batch_size]
+                    batch = {k: v[idx] for k, v in arrays.items()}
+                    state, metrics = update_fn(state, batch)
+                    sums = metrics if not sums else jax.tree.map(jnp.add, sums, metrics)
+                    if (i + 1) % config.log_every == 0:
+                        done = i + 1 - first
+                        bar.set_postfix({k: f"{float(v) / done:.4f}" for k, v in sums.items()})
+                    if (i + 1) % config.checkpoint_every == 0 and i + 1 < steps_per_epoch:
+                        save()
+                bar.close()
+                record = {"epoch": epoch + 1, "step": int(state.step), "seconds": time.perf_counter() - t0}
+                done = steps_per_epoch - first
+                record.update({f"train_{k}": float(v) / done for k, v in sums.items()})
+                if evaluate is not None:
+                    record.update({f"val_{k}": float(v) for k, v in evaluate(state.params).items()})
+                history.append(record)
+                with open(history_path, "a") as f:
+                    f.write(_json_line(record))
+                print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+                save()
+        finally:  # on normal exit, Ctrl-C, SIGTERM or an error: keep what has been computed
+            save(force=True)
+            manager.wait_until_finished()
+            manager.close()
     assert int(state.step) == total_steps, (int(state.step), total_steps)
-    return state, history
+    return state, read_history(history_path)
+
+
+def read_history(path: Path) -> list[dict]:
+    """Per-epoch records of a run, across restarts (the last record of each epoch wins)."""
+    if not Path(path).is_file():
+        return []
+    import json
+    records = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            records[record["epoch"]] = record
+    return [records[e] for e in sorted(records)]
+
+
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """Turns SIGTERM (kill, job schedulers) into SystemExit so that ``fit`` saves before the process ends."""
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _json_line(record: dict) -> str:
