@@ -364,3 +364,32 @@ def test_mi_score_rejects_bad_arguments():
     with pytest.raises(ValueError, match="num_classes"):
         mi.conditional_table(nets["classifier"], params.classifier, nets["encoder"], params.encoder,
                              nets["generator"], params.generator, images(0), 0)
+
+
+def test_mi_score_with_the_package_networks():
+    """The agreed signatures: the alpha-GAN's encoder_fn/generator_fn, MagNet's classifier and reformer."""
+    from magnet_mi_jax.detectors import magnet
+    from magnet_mi_jax.models import MnistClassifier, alpha_gan, mnist_ae_i
+
+    gan = alpha_gan.mnist_alpha_gan()
+    x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 28, 28, 1)), jnp.float32)
+    # only E and G are needed: initialise those two (the discriminators would double the time)
+    gan_params = jax.jit(lambda k: gan.init(k, x, jax.nn.one_hot(jnp.zeros(2, jnp.int32), 10),
+                                            method=lambda m, v, y: m.generate(m.encode(v), y)))(jax.random.key(0))
+    clf, ae = MnistClassifier(), mnist_ae_i()
+    init = jax.jit(lambda k1, k2: (clf.init(k1, x), ae.init(k2, x)))
+    clf_params, ae_params = init(jax.random.key(1), jax.random.key(2))
+    params = mi.MIParams(clf_params, ae_params, gan_params, gan_params)
+    fn = mi.make_mi_score_fn(clf.apply, lambda p, x: magnet.reform(ae.apply, p, x), alpha_gan.encoder_fn(gan),
+                             alpha_gan.generator_fn(gan), reading="consistent")
+    out = fn(params, x)
+    chex.assert_shape(out.table, (2, 10, 10))
+    chex.assert_tree_all_finite(out)
+
+    @jax.jit
+    def reference(params, x):
+        images = alpha_gan.generate_all_conditions(gan, params.generator, x)   # [b, j] generated with label j
+        return jax.nn.softmax(clf.apply(params.classifier, images.reshape(-1, 28, 28, 1))).reshape(2, 10, 10)
+
+    want = reference(params, x)
+    np.testing.assert_allclose(out.table, want, atol=1e-5)
