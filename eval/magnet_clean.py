@@ -98,13 +98,15 @@ def evaluate_clean(spec: MagNet, applies: Mapping[str, Any], params: Mapping[str
 def format_report(dataset: str, result: Mapping[str, Any]) -> str:
     paper = PAPER_CLEAN.get(dataset, {})
     acc = result["clean_accuracy"]
+    cfgs = {name: ", ".join(f"{k}={v}" for k, v in d["config"].items() if k != "calibration_size")
+            for name, d in result["detectors"].items()}
+    w = max(len(c) for c in cfgs.values()) if cfgs else 6
     lines = [f"MagNet on clean {dataset} test images ({result['n_test']} test, {result['n_val']} validation)",
-             "", f"{'detector':<10} {'config':<44} {'threshold':>12} {'val FPR':>8} {'test FPR':>9}"]
+             "", f"{'detector':<10} {'config':<{w}} {'threshold':>12} {'val FPR':>8} {'test FPR':>9}"]
     for name, d in result["detectors"].items():
-        cfg = ", ".join(f"{k}={v}" for k, v in d["config"].items())
-        lines.append(f"{name:<10} {cfg:<44} {d['threshold']:>12.6g} {100 * d['val_fpr']:>7.2f}% "
+        lines.append(f"{name:<10} {cfgs[name]:<{w}} {d['threshold']:>12.6g} {100 * d['val_fpr']:>7.2f}% "
                      f"{100 * d['test_fpr']:>8.2f}%")
-    lines += [f"{'any':<10} {'':<44} {'':>12} {'':>8} {100 * result['test_fpr_any']:>8.2f}%", "",
+    lines += [f"{'any':<10} {'':<{w}} {'':>12} {'':>8} {100 * result['test_fpr_any']:>8.2f}%", "",
               f"clean accuracy, detectors + reformer: {100 * acc['both']:.2f}%"
               + (f"   (paper {paper['magnet']:.2f}%)" if paper else ""),
               f"clean accuracy, detectors only:       {100 * acc['detector_only']:.2f}%",
