@@ -1,17 +1,247 @@
-"""Layers shared by the networks.
+"""Layers shared by the networks, with convolution and max-pooling gradients that are fast on XLA:CPU.
 
-``Conv`` is ``flax.linen.Conv`` with this package's convolution primitive plugged in, so that every network
-of the package can switch convolution implementation in one place without changing its parameter tree
+``Conv`` is ``flax.linen.Conv`` with this package's :func:`conv_general_dilated` plugged in, so every network of
+the package switches convolution implementation in one place without changing its parameter tree
 (``{"kernel": (kh, kw, c_in, c_out), "bias": (c_out,)}``, exactly as ``nn.Conv``).
+
+Why (measured on the project's 2-core x86-64 machine, jaxlib 0.10.2; see BENCHMARKS.md and PERF_NOTES.md):
+
+* XLA:CPU lowers convolutions to YNNPACK; a convolution with **all-zero padding** (``"VALID"``, or a 1x1
+  ``"SAME"``) takes a path about 4x slower than the same convolution with any non-zero padding. On CPU the
+  forward therefore pads one extra row on top of the first spatial dimension and drops the first output row
+  (:func:`_conv_cpu`): a few percent more FLOPs, about 4x less time. Other platforms use the plain convolution
+  (``lax.platform_dependent``).
+* The input gradient of a stride-1 convolution is itself a convolution: with the forward
+  ``y = conv(x, W)`` and padding ``(lo, hi)`` per spatial dimension,
+
+      dL/dx = conv(dL/dy, rev(W)^T)   with padding (k - 1 - lo, k - 1 - hi),
+
+  ``rev`` flipping the spatial axes and ``^T`` swapping the kernel's input and output feature axes. JAX's own
+  transpose rule builds the same convolution, but inside a ``lax`` loop XLA:CPU runs it several times slower
+  than when it is written out explicitly in a ``custom_vjp``; so the VJP here writes it out (and runs it
+  through the same CPU padding fix).
+* The kernel gradient is JAX's own (``jax.vjp`` of the native convolution in the kernel), so training sees
+  the exact same kernel gradient as ``nn.Conv``.
+* Non-overlapping max pooling (window = stride, no padding) gets a VJP that scatters the cotangent to the
+  first maximum of each window, in row-major window order, exactly like XLA's ``select_and_scatter``
+  (the transpose JAX uses for ``lax.reduce_window`` max), but as fused elementwise work: XLA:CPU's
+  ``select_and_scatter`` costs several forward passes of the whole classifier.
+
+Every other configuration (strides, dilations, feature groups, overlapping or padded pools) falls back to the
+native ``lax`` operation, so the functions here are drop-in replacements.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 from jax import lax
 
-conv_general_dilated = lax.conv_general_dilated
+__all__ = ["Conv", "conv_general_dilated", "max_pool", "fast_conv_supported"]
+
+
+def _normalize(lhs, rhs, window_strides, padding, dimension_numbers):
+    """Explicit ``((lo, hi), ...)`` padding and ``ConvDimensionNumbers`` for the given operands."""
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    if isinstance(padding, str):
+        in_spatial = [lhs.shape[d] for d in dn.lhs_spec[2:]]
+        k_spatial = [rhs.shape[d] for d in dn.rhs_spec[2:]]
+        padding = lax.padtype_to_pads(in_spatial, k_spatial, window_strides, padding)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return padding, dn
+
+
+def fast_conv_supported(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                        dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                        preferred_element_type=None) -> bool:
+    """Whether :func:`conv_general_dilated` uses its custom VJP (else it is ``lax.conv_general_dilated``).
+
+    Supported: unit strides and dilations, one feature and batch group, padding ``0 <= lo, hi <= k - 1`` in
+    every spatial dimension (covers ``"VALID"`` and ``"SAME"``), no ``preferred_element_type``.
+    """
+    class _S:  # shape holder for lax.conv_dimension_numbers
+        def __init__(self, shape):
+            self.shape = tuple(shape)
+    nd = len(lhs_shape) - 2
+    ones = (1,) * nd
+    if tuple(window_strides) != ones or tuple(lhs_dilation or ones) != ones or tuple(rhs_dilation or ones) != ones:
+        return False
+    if feature_group_count != 1 or batch_group_count != 1 or preferred_element_type is not None:
+        return False
+    pads, dn = _normalize(_S(lhs_shape), _S(rhs_shape), window_strides, padding, dimension_numbers)
+    k_spatial = [rhs_shape[d] for d in dn.rhs_spec[2:]]
+    return all(0 <= lo <= k - 1 and 0 <= hi <= k - 1 for (lo, hi), k in zip(pads, k_spatial))
+
+
+def _conv_native(lhs, rhs, padding, dn, precision):
+    return lax.conv_general_dilated(lhs, rhs, (1,) * (lhs.ndim - 2), padding, dimension_numbers=dn,
+                                    precision=precision)
+
+
+def _conv_cpu(lhs, rhs, padding, dn, precision):
+    """Stride-1 convolution, avoiding XLA:CPU's slow all-zero-padding path (one extra row, then dropped)."""
+    if any(lo or hi for lo, hi in padding):
+        return _conv_native(lhs, rhs, padding, dn, precision)
+    padded = ((1, 0),) + tuple(padding[1:])
+    out = _conv_native(lhs, rhs, padded, dn, precision)
+    return lax.slice_in_dim(out, 1, None, axis=dn.out_spec[2])
+
+
+def _conv_impl(lhs, rhs, padding, dn, precision):
+    return lax.platform_dependent(
+        lhs, rhs,
+        cpu=functools.partial(_conv_cpu, padding=padding, dn=dn, precision=precision),
+        default=functools.partial(_conv_native, padding=padding, dn=dn, precision=precision))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _fast_conv(lhs, rhs, padding, dn, precision):
+    return _conv_impl(lhs, rhs, padding, dn, precision)
+
+
+def _fast_conv_fwd(lhs, rhs, padding, dn, precision):
+    return _conv_impl(lhs, rhs, padding, dn, precision), (lhs, rhs)
+
+
+def _fast_conv_bwd(padding, dn, precision, res, g):
+    lhs, rhs = res
+    spatial = dn.rhs_spec[2:]
+    k = [rhs.shape[d] for d in spatial]
+    # dL/dx = conv(g, rev(W)^T) with padding (k-1-lo, k-1-hi). W^T is materialised (swapping W's input and
+    # output feature axes in place, so the kernel keeps its layout): leaving the swap to the dimension numbers
+    # instead makes XLA:CPU run this convolution about 6x slower inside a loop (measured, BENCHMARKS.md).
+    w_t = jnp.swapaxes(lax.rev(rhs, spatial), dn.rhs_spec[0], dn.rhs_spec[1])
+    dn_t = lax.ConvDimensionNumbers(lhs_spec=dn.out_spec, rhs_spec=dn.rhs_spec, out_spec=dn.lhs_spec)
+    pad_t = tuple((kk - 1 - lo, kk - 1 - hi) for kk, (lo, hi) in zip(k, padding))
+    dx = _conv_impl(g, w_t, pad_t, dn_t, precision)
+    # The kernel gradient is JAX's own transpose rule: bit-for-bit what nn.Conv gives.
+    _, vjp_w = jax.vjp(lambda w: _conv_native(lhs, w, padding, dn, precision), rhs)
+    (dw,) = vjp_w(g)
+    return dx.astype(lhs.dtype), dw.astype(rhs.dtype)
+
+
+_fast_conv.defvjp(_fast_conv_fwd, _fast_conv_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+                         preferred_element_type=None, **kwargs):
+    """Drop-in for ``lax.conv_general_dilated`` with a fast, explicit VJP for stride-1 convolutions.
+
+    Same signature and result as ``lax.conv_general_dilated``. Where :func:`fast_conv_supported` holds, the
+    forward avoids XLA:CPU's slow zero-padding path and the input gradient is the explicit convolution
+    ``conv(dL/dy, rev(W)^T)`` (module docstring); the kernel gradient is JAX's own. Otherwise it *is*
+    ``lax.conv_general_dilated``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x, w = jnp.ones((2, 5, 5, 3)), jnp.ones((3, 3, 3, 4))
+      >>> conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")).shape
+      (2, 3, 3, 4)
+    """
+    if kwargs.get("out_sharding") is not None or not fast_conv_supported(
+            lhs.shape, rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count, preferred_element_type):
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, batch_group_count, precision,
+                                        preferred_element_type, **kwargs)
+    pads, dn = _normalize(lhs, rhs, window_strides, padding, dimension_numbers)
+    if isinstance(precision, list):
+        precision = tuple(precision)
+    return _fast_conv(lhs, rhs, pads, dn, precision)
+
 
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+
+
+# ----------------------------------------------------------------------------------------------- max pooling
+
+def _pool_native(x, window, strides, padding):
+    return lax.reduce_window(x, -jnp.inf, lax.max, window, strides, padding)
+
+
+def _pool_reshape(x, window):
+    """Non-overlapping max pool of ``x`` (window = stride, sizes divisible) as a reshape and a reduction."""
+    shape, axes = [], []
+    for d, (n, w) in enumerate(zip(x.shape, window)):
+        if w == 1:
+            shape.append(n)
+        else:
+            shape += [n // w, w]
+            axes.append(len(shape) - 1)
+    return x.reshape(shape).max(axis=tuple(axes)), shape, tuple(axes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _fast_pool(x, window):
+    return _pool_reshape(x, window)[0]
+
+
+def _fast_pool_fwd(x, window):
+    y, _, _ = _pool_reshape(x, window)
+    return y, (x, y)
+
+
+def _fast_pool_bwd(window, res, g):
+    x, y = res
+    _, shape, axes = _pool_reshape(x, window)
+    xr = x.reshape(shape)
+    yb, gb = jnp.expand_dims(y, axes), jnp.expand_dims(g, axes)
+    is_max = xr == yb
+    # First maximum in row-major window order (as select_and_scatter): an element wins iff it is a maximum
+    # and no earlier window position is. Rank r = row-major index of the position inside its window.
+    sizes = [shape[a] for a in axes]
+    rank = 0
+    for a, s in zip(axes, sizes):
+        iota = lax.broadcasted_iota(jnp.int32, [s if i == a else 1 for i in range(len(shape))], a)
+        rank = rank * s + iota
+    n = 1
+    for s in sizes:
+        n *= s
+    first = jnp.min(jnp.where(is_max, rank, n), axis=axes, keepdims=True)
+    dx = jnp.where(rank == first, gb, jnp.zeros((), g.dtype))
+    return (dx.reshape(x.shape),)
+
+
+_fast_pool.defvjp(_fast_pool_fwd, _fast_pool_bwd)
+
+
+def fast_pool_supported(shape, window, strides, padding) -> bool:
+    """Non-overlapping windows (window == strides), no padding, every pooled size divisible by its window."""
+    if len(window) != len(shape) or tuple(window) != tuple(strides):
+        return False
+    if isinstance(padding, str):
+        if padding.upper() != "VALID":
+            return False
+    elif any(lo or hi for lo, hi in padding):
+        return False
+    return all(n % w == 0 for n, w in zip(shape, window))
+
+
+def max_pool_window(x, window: Sequence[int], strides: Sequence[int], padding="VALID"):
+    """Max over windows of ``x`` (all dimensions given, as ``lax.reduce_window``), fast VJP when possible."""
+    window, strides = tuple(int(w) for w in window), tuple(int(s) for s in strides)
+    if fast_pool_supported(x.shape, window, strides, padding):
+        return _fast_pool(x, window)
+    return _pool_native(x, window, strides, padding)
+
+
+def max_pool(x, window_shape: Sequence[int], strides: Sequence[int] | None = None, padding="VALID"):
+    """Drop-in for ``flax.linen.max_pool`` on (B, *spatial, C) inputs, with a fast VJP for non-overlapping pools.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> max_pool(jnp.arange(16.).reshape(1, 4, 4, 1), (2, 2), (2, 2))[0, :, :, 0]
+      Array([[ 5.,  7.],
+             [13., 15.]], dtype=float32)
+    """
+    strides = tuple(strides) if strides is not None else (1,) * len(window_shape)
+    if isinstance(padding, str) and padding.upper() != "VALID":
+        return nn.max_pool(x, tuple(window_shape), strides, padding)
+    window = (1,) + tuple(window_shape) + (1,)
+    pads = padding if isinstance(padding, str) else ((0, 0),) + tuple(padding) + ((0, 0),)
+    return max_pool_window(x, window, (1,) + strides + (1,), pads)
