@@ -76,20 +76,24 @@ def test_outputs_schema_and_resume(tiny_setup, tmp_path):
         assert second["cells"][key]["magnet"] == cell["magnet"]
         assert second["cells"][key]["mi_magnet"] == cell["mi_magnet"]
 
-    # An interrupted run (one cell missing) recomputes exactly that cell, with the same result.
-    victim = out / "cache" / first["cells"]["ead_en/5"]["cache"]
+    # An interrupted run (a cell missing) recomputes exactly that cell, with the same result; a corrupt cache
+    # file is an error naming it. (cw_l2/5 is recomputed before the corrupt ead_en/5 is reached.)
+    victim = out / "cache" / first["cells"]["cw_l2/5"]["cache"]
     victim.unlink()
-    third = _run(tiny_setup, out)
-    recomputed = [k for k, c in third["cells"].items() if not c["cached"]]
-    assert recomputed == ["ead_en/5"]
-    assert third["cells"]["ead_en/5"]["attack_success_rate"] == first["cells"]["ead_en/5"]["attack_success_rate"]
-
-    # Another setting is another cache key; a corrupt cache file is an error naming it.
-    other = tables.cache_path(out / "cache", dataclasses.replace(TINY, iterations=9), "ead_en", 5.0, {"x": "y"})
-    assert other.name != victim.name
-    (out / "cache" / first["cells"]["cw_l2/0"]["cache"]).write_bytes(b"not an npz")
-    with pytest.raises(RuntimeError, match="corrupt attack cache .*cw_l2_kappa0_"):
+    corrupt = out / "cache" / first["cells"]["ead_en/5"]["cache"]
+    corrupt.write_bytes(b"not an npz")
+    with pytest.raises(RuntimeError, match="corrupt attack cache .*ead_en_kappa5_"):
         _run(tiny_setup, out)
+    assert victim.is_file()
+    with np.load(victim, allow_pickle=False) as f:
+        success = f["success"]
+        assert 100 * success.mean() == pytest.approx(first["cells"]["cw_l2/5"]["attack_success_rate"])
+        if success.any():
+            assert f["l2"][success].mean() == pytest.approx(first["cells"]["cw_l2/5"]["mean_l2"], rel=1e-5)
+
+    # Another setting is another cache key.
+    other = tables.cache_path(out / "cache", dataclasses.replace(TINY, iterations=9), "cw_l2", 5.0, {"x": "y"})
+    assert other.name != victim.name
 
 
 def test_cache_never_unpickles(tmp_path):
