@@ -1,0 +1,18 @@
+"""Jitted, batched, sharded EAD and C&W-L2 attacks on any logits function.
+
+* :func:`ead` - elastic-net attack (FISTA/ISTA, decision rules "en" and "l1").
+* :func:`cw_l2` - Carlini & Wagner's L2 attack.
+* :class:`AttackResult` - adversarial images, success mask, L0/L1/L2/Linf distortions, final const.
+* :func:`fast_vjp` - wraps a logits function so that its convolutions and max pools get cheap gradients on
+  XLA:CPU (used by both attacks by default).
+
+Both attacks run as one ``jax.jit`` computation: the binary search over c and the iterations are ``lax``
+loops, a kappa grid is folded into the batch, and the batch is sharded over all devices.
+"""
+
+from magnet_mi_jax.attacks.common import AttackResult, margin_loss, update_const
+from magnet_mi_jax.attacks.cw import cw_l2
+from magnet_mi_jax.attacks.ead import ead, shrinkage
+from magnet_mi_jax.attacks.fastvjp import fast_vjp
+
+__all__ = ["AttackResult", "cw_l2", "ead", "fast_vjp", "margin_loss", "shrinkage", "update_const"]

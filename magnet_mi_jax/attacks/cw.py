@@ -1,0 +1,154 @@
+"""Carlini & Wagner's L2 attack (IEEE S&P 2017), with the EAD driver's defaults.
+
+The box [0, 1] is handled by the change of variables
+
+    x(w) = (tanh(w + atanh((2 x0 - 1) * 0.999999)) + 1) / 2,      w_0 = 0,
+
+and Adam (lr 1e-2, beta1 0.9, beta2 0.999, eps 1e-8, bias-corrected) minimises per example
+
+    c * f(x(w)) + ||x(w) - x0||_2^2
+
+over K iterations, f the margin loss of :mod:`~magnet_mi_jax.attacks.common`. Iteration k judges the iterate
+x(w_k) with the same forward pass that gives the gradient; the attack keeps the lowest-L2 successful iterate
+over all search steps. c is binary-searched per example (c0 = 1e-3, 9 steps); each search step restarts from
+w = 0 with fresh Adam moments.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from magnet_mi_jax.attacks import common
+from magnet_mi_jax.attacks.common import AttackResult
+from magnet_mi_jax.attacks.ead import keep_best
+
+ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
+TANH_SCALE = 0.999999
+
+
+def to_box(w: jax.Array, w0: jax.Array) -> jax.Array:
+    """``x = (tanh(w + w0) + 1) / 2``, in [0, 1]."""
+    return (jnp.tanh(w + w0) + 1.0) / 2.0
+
+
+def from_box(x0: jax.Array) -> jax.Array:
+    """``atanh((2 x0 - 1) * 0.999999)``: the tanh-space offset of x0 (finite for x0 in {0, 1})."""
+    return jnp.arctanh((2.0 * x0 - 1.0) * TANH_SCALE)
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "has_params", "iterations", "search_steps",
+                                             "abort_early", "targeted", "fast"))
+def _cw_core(params, x0, labels, kappa, const, learning_rate, *, logits_fn, has_params, iterations,
+             search_steps, abort_early, targeted, fast) -> AttackResult:
+    logits = common.bind_logits(logits_fn, params, has_params, fast)
+    axes = tuple(range(1, x0.ndim))
+    w_base = from_box(x0)
+    big = jnp.full(labels.shape, jnp.inf, jnp.float32)
+    check_every = max(iterations // 10, 1)
+
+    def objective(w, c):
+        x = to_box(w, w_base)
+        f, ok = common.margin_loss(logits(x), labels, kappa, targeted)
+        l2sq = jnp.sum(jnp.square(x - x0), axes)
+        loss = c * f + l2sq
+        return jnp.sum(loss), (x, ok, l2sq, loss)
+
+    grad_fn = jax.grad(objective, has_aux=True)
+
+    def search_step(_, outer):
+        c, lower, upper, best_l2, best_adv, best_const, found, _ = outer
+
+        def iteration(k, inner):
+            w, m, v, step_ok, best_l2, best_adv, best_const, active, prev = inner
+            g, (x, ok, l2sq, loss) = grad_fn(w, c)
+            ok = ok & active
+            step_ok = step_ok | ok
+            best_l2, best_adv, best_const = keep_best(best_l2, best_adv, best_const, x, l2sq, ok, c)
+            t = (k + 1).astype(jnp.float32)
+            m_new = ADAM_B1 * m + (1 - ADAM_B1) * g
+            v_new = ADAM_B2 * v + (1 - ADAM_B2) * g * g
+            m_hat = m_new / (1 - ADAM_B1 ** t)
+            v_hat = v_new / (1 - ADAM_B2 ** t)
+            w_new = w - learning_rate * m_hat / (jnp.sqrt(v_hat) + ADAM_EPS)
+            if abort_early:
+                act = common.per_example(active, w)
+                w_new, m_new, v_new = (jnp.where(act, a, b) for a, b in ((w_new, w), (m_new, m), (v_new, v)))
+                check = (k % check_every) == 0
+                stop = active & check & (loss > prev * 0.9999)
+                prev = jnp.where(check & active, loss, prev)
+                active = active & ~stop
+            return w_new, m_new, v_new, step_ok, best_l2, best_adv, best_const, active, prev
+
+        zeros = jnp.zeros_like(x0)
+        init = (zeros, zeros, zeros, jnp.zeros(labels.shape, bool), best_l2, best_adv, best_const,
+                jnp.ones(labels.shape, bool), big)
+        if abort_early:
+            def cond(state):
+                return (state[0] < iterations) & jnp.any(state[1][7])
+            _, inner = lax.while_loop(cond, lambda s: (s[0] + 1, iteration(s[0], s[1])), (jnp.int32(0), init))
+        else:
+            inner = lax.fori_loop(0, iterations, iteration, init)
+        step_ok, best_l2, best_adv, best_const = inner[3:7]
+        found = found | step_ok
+        new_c, lower, upper = common.update_const(c, lower, upper, step_ok)
+        return new_c, lower, upper, best_l2, best_adv, best_const, found, c
+
+    zeros = jnp.zeros(labels.shape, jnp.float32)
+    outer = (const, zeros, jnp.full(labels.shape, common.UPPER_INIT, jnp.float32), big, x0, const,
+             jnp.zeros(labels.shape, bool), const)
+    state = lax.fori_loop(0, search_steps, search_step, outer)
+    _, _, _, _, best_adv, best_const, found, last_c = state
+    return common.finish(x0, best_adv, found, best_const, last_c)
+
+
+def cw_l2(logits_fn: Callable, x0, labels, *, params: Any = None, kappa=0.0, const=1e-3,
+          learning_rate: float = 1e-2, iterations: int = 1000, search_steps: int = 9, abort_early: bool = False,
+          targeted: bool = False, fast_vjp: bool = True, devices: Sequence[jax.Device] | None = None,
+          check_range: bool = True) -> AttackResult:
+    """C&W-L2 attack on any classifier, as one jitted computation (equations: module docstring).
+
+    Args:
+      logits_fn: ``logits_fn(params, x) -> (B, K)`` when ``params`` is given, else ``logits_fn(x)``; pass a
+        stable function object (it is a static argument of the compiled computation).
+      x0: (B, H, W, C) (any (B, ...)) float images in [0, 1].
+      labels: (B,) int in [0, K): true classes, or targets with ``targeted=True``.
+      params: the pytree handed to ``logits_fn`` as its first argument, or None.
+      kappa: confidence >= 0: scalar, (B,), or a grid (G, B) / (G, 1) (result with leading (G, B)).
+      const: initial c > 0 of the binary search, scalar or per example. Default 1e-3.
+      learning_rate: Adam's step size. Default 1e-2.
+      iterations: Adam steps per search step. Default 1,000.
+      search_steps: binary-search steps over c. Default 9.
+      abort_early: per-example early stop when the loss has not fallen by 0.01% over K/10 iterations.
+      targeted: ``labels`` are targets.
+      fast_vjp: evaluate ``logits_fn`` through :func:`~magnet_mi_jax.attacks.fastvjp.fast_vjp`.
+      devices: devices to shard the batch over; default all of ``jax.devices()``.
+      check_range: check on the host that x0 lies in [0, 1] (skipped for traced inputs).
+
+    Returns:
+      :class:`~magnet_mi_jax.attacks.common.AttackResult` (see :func:`~magnet_mi_jax.attacks.ead.ead`).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from magnet_mi_jax.attacks import cw_l2
+      >>> w = jax.random.normal(jax.random.key(0), (16, 3))
+      >>> def logits_fn(w, x):
+      ...     return x.reshape(x.shape[0], -1) @ w
+      >>> x0 = jax.random.uniform(jax.random.key(1), (4, 4, 4, 1))
+      >>> labels = jnp.argmax(logits_fn(w, x0), -1)
+      >>> res = cw_l2(logits_fn, x0, labels, params=w, iterations=100, search_steps=4)
+      >>> bool(res.success.all()), res.l2.shape
+      (True, (4,))
+    """
+    common.check_options(iterations, search_steps, learning_rate)
+    has_params = params is not None
+    x0, labels, kappa, const, grid = common.check_inputs(logits_fn, params, x0, labels, kappa, const,
+                                                         has_params=has_params, check_range=check_range)
+    core = functools.partial(_cw_core, logits_fn=logits_fn, has_params=has_params, iterations=int(iterations),
+                             search_steps=int(search_steps), abort_early=bool(abort_early),
+                             targeted=bool(targeted), fast=bool(fast_vjp))
+    return common.run_batched(core, params, x0, labels, kappa, const, (learning_rate,), grid, devices)
