@@ -2,8 +2,9 @@
 
 The networks and losses are :mod:`magnet_mi_jax.models.alpha_gan` (E, G, D, C; reconstruction, image-,
 code-adversarial and auxiliary-class terms). One jitted pure step updates all four networks; the run state is
-a :class:`train.trainer.TrainState` whose ``params`` hold the four networks and whose ``opt_state`` holds one
-Adam state per player (``"eg"``, ``"d"``, ``"c"``).
+a :class:`train.trainer.TrainState` whose ``params`` hold the four networks (``"params"``) and a moving average
+of E and G (``"ema"``), and whose ``opt_state`` holds one Adam state per player (``"eg"``, ``"d"``, ``"c"``).
+Evaluation and the exported weights use the averaged E and G.
 
 Run state lives in ``--workdir`` (default ``workdirs/<dataset>/generator``): interrupt at any time and rerun
 the same command to resume. At the end the weights go to ``checkpoints/<dataset>/generator`` with a card
@@ -42,10 +43,11 @@ class GeneratorConfig:
     learning_rate: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
-    reconstruction_weight: float = 10.0   # lambda of the L1 term (per-pixel mean)
-    code_weight: float = 1.0
-    class_weight: float = 1.0              # auxiliary-classifier terms of L_EG and L_D
+    reconstruction_weight: float = 50.0   # lambda of the L1 term (per-pixel mean)
+    code_weight: float = 5.0               # makes the code independent of the class (see alpha_gan)
+    class_weight: float = 3.0              # auxiliary-classifier terms of L_EG and L_D
     adversarial: str = "nonsaturating"     # or "logratio" (Rosca et al.)
+    ema_decay: float = 0.999               # moving average of E and G; the exported E and G are the average
     eval_images: int = 1000
 
     def loss_weights(self) -> alpha_gan.LossWeights:
@@ -54,7 +56,7 @@ class GeneratorConfig:
 
 
 CONFIGS = {
-    "mnist": GeneratorConfig(epochs=10),
+    "mnist": GeneratorConfig(epochs=5),
     "cifar10": GeneratorConfig(epochs=100, batch_size=64),
 }
 
@@ -75,11 +77,22 @@ def make_update_fn(module: alpha_gan.ConditionalAlphaGAN, config: GeneratorConfi
     @jax.jit
     def update_fn(state: trainer.TrainState, batch):
         key = jax.random.fold_in(state.key, state.step)
-        params, opt_state, metrics = alpha_gan.update_step(module, weights, optimizers, state.params,
-                                                           state.opt_state, batch["image"], batch["label"], key)
-        return trainer.TrainState(state.step + 1, params, opt_state, state.key), metrics
+        params, opt_state, metrics = alpha_gan.update_step(module, weights, optimizers,
+                                                           {"params": state.params["params"]}, state.opt_state,
+                                                           batch["image"], batch["label"], key)
+        ema = alpha_gan.ema_update(state.params["ema"], alpha_gan.generator_networks(params), state.step,
+                                   config.ema_decay)
+        return trainer.TrainState(state.step + 1, {**params, "ema": ema}, opt_state, state.key), metrics
 
     return update_fn
+
+
+def averaged(params) -> dict:
+    """The exported tree: the moving averages of E and G with the current D and C.
+
+    ``params`` is the run state's ``{"params": {...four networks}, "ema": {"encoder", "generator"}}``.
+    """
+    return alpha_gan.with_generator_networks({"params": params["params"]}, params["ema"])
 
 
 def load_classifier(dataset: str, checkpoints):
@@ -121,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--rec-weight", type=float, default=None, help="override lambda (L1 reconstruction)")
+    parser.add_argument("--code-weight", type=float, default=None, help="override the code-adversarial weight")
     parser.add_argument("--class-weight", type=float, default=None, help="override the auxiliary-class weight")
     parser.add_argument("--eval-images", type=int, default=None, help="images for validation/test metrics")
     parser.add_argument("--classifier-checkpoints", default=None,
@@ -130,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = common.command_line(argv, "train.generator")
     config = common.override(CONFIGS[args.dataset], args)
     config = dataclasses.replace(config, **{k: v for k, v in (("reconstruction_weight", args.rec_weight),
+                                                              ("code_weight", args.code_weight),
                                                               ("class_weight", args.class_weight),
                                                               ("eval_images", args.eval_images)) if v is not None})
     ds = common.load_data(args)
@@ -139,14 +154,14 @@ def main(argv: list[str] | None = None) -> dict:
     init_key, state_key = jax.random.split(jax.random.key(args.seed))
     params = spec.init(module, init_key)
     optimizers = make_optimizers(config)
-    state = trainer.TrainState(jnp.zeros((), jnp.int32), params, alpha_gan.init_opt_state(optimizers, params),
-                               state_key)
+    state = trainer.TrainState(jnp.zeros((), jnp.int32), {**params, "ema": alpha_gan.generator_networks(params)},
+                               alpha_gan.init_opt_state(optimizers, params), state_key)
     classify, classifier_card = load_classifier(args.dataset, args.classifier_checkpoints or args.checkpoints)
 
     n_eval = config.eval_images
 
     def evaluate(params):
-        m = measure(module, params, ds.val_x[:n_eval], ds.val_y[:n_eval], classify)
+        m = measure(module, averaged(params), ds.val_x[:n_eval], ds.val_y[:n_eval], classify)
         return {k: v for k, v in m.items() if not isinstance(v, list)}
 
     update_fn = make_update_fn(module, config)
@@ -154,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
                               workdir=common.workdir(args, "generator"))
     state, history = trainer.fit(loop, state, update_fn, {"image": ds.train_x, "label": ds.train_y},
                                  evaluate, desc=f"{args.dataset} generator")
-    test = measure(module, state.params, ds.test_x[:n_eval], ds.test_y[:n_eval], classify)
+    final = averaged(state.params)
+    test = measure(module, final, ds.test_x[:n_eval], ds.test_y[:n_eval], classify)
     metrics = {
         **{f"test_{k}" if k.startswith("reconstruction") else k: v for k, v in test.items()},
         "eval_images": f"first {min(n_eval, len(ds.test_x))} test images",
@@ -163,10 +179,10 @@ def main(argv: list[str] | None = None) -> dict:
                         "test_accuracy": classifier_card.get("metrics", {}).get("test_accuracy")}),
         "train_seconds": float(np.sum([h["seconds"] for h in history])) if history else None,
         "wall_seconds_this_invocation": time.perf_counter() - t_start,
-        "parameters": {name: int(sum(np.size(a) for a in jax.tree.leaves(state.params["params"][name])))
+        "parameters": {name: int(sum(np.size(a) for a in jax.tree.leaves(final["params"][name])))
                        for name in alpha_gan.NETWORKS},
     }
-    common.export(args, "generator", state.params, config, ds, command, metrics, history)
+    common.export(args, "generator", final, config, ds, command, metrics, history)
     return metrics
 
 

@@ -8,8 +8,11 @@ Four networks, all pure Flax (no batch statistics, so ``apply`` is a plain funct
 * discriminator  D(x, y) -> (s, a):      image realism logit s (B,) conditioned on y by projection
   (Miyato & Koyama 2018), s = w^T phi(x) + b + (V y)^T phi(x), and auxiliary class logits a (B, K)
   (AC-GAN, Odena et al. 2017) from the same features phi(x).
-* code discriminator C(z) -> c:          (B, Dz) -> (B,) logit "z was drawn from the prior N(0, I)"; an MLP
-  without any normalisation.
+* code discriminator C(z, y) -> c:       (B, Dz), (B, K) -> (B,) logit "z was drawn from the prior N(0, I)
+  independently of the label y"; an MLP on [z, y] without any normalisation. Conditioning C on the label
+  matches the *joint* of (E(x), y) to N(0, I) x p(y), which makes the code independent of the class: E must
+  leave the class to the condition and keep only the style, so G has to read y (as in Fader networks,
+  Lample et al. 2017, but with the alpha-GAN's code discriminator instead of a separate classifier).
 
 Losses (one step; x, y a batch of real images and their one-hot labels; sigma the logistic function;
 ``softplus(t) = log(1 + e^t)`` so that ``-log sigma(t) = softplus(-t)`` and ``-log(1 - sigma(t)) = softplus(t)``):
@@ -21,12 +24,13 @@ Losses (one step; x, y a batch of real images and their one-hot labels; sigma th
 * Image adversarial (generator side), with g(t) = softplus(-t) ("non-saturating", -log D) or g(t) = -t
   (Rosca et al.'s log-ratio, -log D + log(1 - D)):
   L_adv = (1/3) sum_{f in {r, s, p}} mean_b g(D(x_f, y_f))
-* Code adversarial (encoder side):  L_code = mean_b g(C(z_e))
+* Code adversarial (encoder side):  L_code = mean_b g(C(z_e, y))
 * Class term on the relabelled fakes (AC-GAN): L_cls = (1/2) [CE(a(x_s), y') + CE(a(x_p), y'')]
 * Encoder + generator:  L_EG = lambda L_rec + L_adv + w_code L_code + w_cls L_cls
 * Image discriminator:  L_D = mean_b softplus(-D(x, y)) + (1/3) sum_f mean_b softplus(D(x_f, y_f))
   + w_cls CE(a(x), y)             (fakes held constant)
-* Code discriminator:   L_C = mean_b softplus(-C(z_p)) + mean_b softplus(C(z_e))   (z_e held constant)
+* Code discriminator:   L_C = mean_b softplus(-C(z_p', y)) + mean_b softplus(C(z_e, y))   (z_e held constant;
+  z_p' ~ N(0, I) drawn independently of z_p)
 
 The relabelled reconstructions x_s are what make G(E(x), j) look like class j for every condition j: the
 projection discriminator judges them against class j and the auxiliary classifier demands class j, while the
@@ -134,13 +138,14 @@ class Discriminator(nn.Module):
 
 
 class CodeDiscriminator(nn.Module):
-    """C: z (B, Dz) -> logit (B,) that z came from N(0, I). Leaky-ReLU MLP, no normalisation."""
+    """C: z (B, Dz), y (B, K) -> logit (B,) that z came from N(0, I) independently of y. MLP on [z, y] with
+    leaky ReLU, no normalisation."""
 
     hidden: Sequence[int]
 
     @nn.compact
-    def __call__(self, z: jnp.ndarray) -> jnp.ndarray:
-        h = z
+    def __call__(self, z: jnp.ndarray, y_onehot: jnp.ndarray) -> jnp.ndarray:
+        h = jnp.concatenate([z, y_onehot.astype(z.dtype)], axis=-1)
         for i, width in enumerate(self.hidden):
             h = _leaky(nn.Dense(width, name=f"dense{i}")(h))
         return nn.Dense(1, name="logit")(h)[:, 0]
@@ -206,21 +211,22 @@ class ConditionalAlphaGAN(nn.Module):
         self._check_condition(y_onehot, x.shape[0])
         return self.discriminator(x, y_onehot)
 
-    def discriminate_code(self, z: jnp.ndarray) -> jnp.ndarray:
-        """C(z): (B, Dz) -> (B,) logits."""
+    def discriminate_code(self, z: jnp.ndarray, y_onehot: jnp.ndarray) -> jnp.ndarray:
+        """C(z, y): (B, Dz), (B, K) -> (B,) logits."""
         self._check_code(z)
-        return self.code_discriminator(z)
+        self._check_condition(y_onehot, z.shape[0])
+        return self.code_discriminator(z, y_onehot)
 
     def __call__(self, x: jnp.ndarray, y_onehot: jnp.ndarray) -> dict[str, Any]:
         """Runs all four networks (used by ``init``): reconstruction, D and C outputs."""
         z = self.encode(x)
         return {"code": z, "reconstruction": self.generate(z, y_onehot),
-                "realism": self.discriminate(x, y_onehot), "code_logit": self.discriminate_code(z)}
+                "realism": self.discriminate(x, y_onehot), "code_logit": self.discriminate_code(z, y_onehot)}
 
 
 def mnist_alpha_gan() -> ConditionalAlphaGAN:
-    """The MNIST configuration (28x28x1): Dz = 8, widths (32, 64), ~0.6 M parameters."""
-    return ConditionalAlphaGAN(image_shape=(28, 28, 1), latent_dim=8, widths=(32, 64), disc_hidden=128)
+    """The MNIST configuration (28x28x1): Dz = 16, widths (32, 64), ~0.65 M parameters."""
+    return ConditionalAlphaGAN(image_shape=(28, 28, 1), latent_dim=16, widths=(32, 64), disc_hidden=128)
 
 
 def cifar_alpha_gan() -> ConditionalAlphaGAN:
@@ -285,9 +291,9 @@ class LossWeights:
       adversarial: ``"nonsaturating"`` (g(t) = softplus(-t)) or ``"logratio"`` (g(t) = -t, Rosca et al.).
     """
 
-    reconstruction: float = 10.0
-    code: float = 1.0
-    classes: float = 1.0
+    reconstruction: float = 50.0
+    code: float = 5.0
+    classes: float = 3.0
     adversarial: str = "nonsaturating"
 
     def __post_init__(self):
@@ -319,6 +325,23 @@ def make_optimizers(learning_rate: float = 2e-4, b1: float = 0.5, b2: float = 0.
 def init_opt_state(optimizers: dict[str, optax.GradientTransformation], params: Any) -> dict[str, Any]:
     eg, d, c = _split(params)
     return {"eg": optimizers["eg"].init(eg), "d": optimizers["d"].init(d), "c": optimizers["c"].init(c)}
+
+
+def ema_update(ema: Any, params: Any, step: jnp.ndarray, decay: float) -> Any:
+    """Polyak average of parameters with warm-up: d_t = min(decay, (1 + t) / (10 + t)),
+    ema_{t+1} = d_t ema_t + (1 - d_t) params_{t+1}. Pytrees of the same structure; ``step`` is t."""
+    d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+
+
+def generator_networks(params: Any) -> dict:
+    """The encoder and generator parameters, ``{"encoder": ..., "generator": ...}``, of a full tree."""
+    return {"encoder": params["params"]["encoder"], "generator": params["params"]["generator"]}
+
+
+def with_generator_networks(params: Any, eg: dict) -> dict:
+    """The full tree with the encoder and generator replaced by ``eg`` (e.g. their moving averages)."""
+    return {"params": {**params["params"], **eg}}
 
 
 def update_step(module: ConditionalAlphaGAN, weights: LossWeights,
@@ -366,8 +389,8 @@ def update_step(module: ConditionalAlphaGAN, weights: LossWeights,
         rec = jnp.mean(jnp.abs(images - fakes[:batch]))
         realism, class_logits = apply(full, fakes, y_fake_1h, method=ConditionalAlphaGAN.discriminate)
         adv = _generator_adversarial(realism, weights.adversarial)
-        code_adv = _generator_adversarial(apply(full, z_enc, method=ConditionalAlphaGAN.discriminate_code),
-                                          weights.adversarial)
+        code_adv = _generator_adversarial(
+            apply(full, z_enc, y_true_1h, method=ConditionalAlphaGAN.discriminate_code), weights.adversarial)
         relabelled = slice(batch, 3 * batch)
         cls = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(class_logits[relabelled],
                                                                        y_fake[relabelled]))
@@ -394,8 +417,8 @@ def update_step(module: ConditionalAlphaGAN, weights: LossWeights,
 
     def c_loss(c_params):
         full = _merge(eg, d, c_params)
-        prior = apply(full, z_code_prior, method=ConditionalAlphaGAN.discriminate_code)
-        enc = apply(full, z_enc, method=ConditionalAlphaGAN.discriminate_code)
+        prior = apply(full, z_code_prior, y_true_1h, method=ConditionalAlphaGAN.discriminate_code)
+        enc = apply(full, z_enc, y_true_1h, method=ConditionalAlphaGAN.discriminate_code)
         total = jnp.mean(jax.nn.softplus(-prior)) + jnp.mean(jax.nn.softplus(enc))
         return total, {"loss_c": total, "c_acc": 0.5 * (jnp.mean(prior > 0) + jnp.mean(enc < 0))}
 
