@@ -1,0 +1,533 @@
+"""ROC AUC of every detector score, natural vs adversarial: ``python -m eval.detector_auc --dataset mnist
+--results results/mnist-quick``.
+
+Measures which MI reading and temperature separates natural from adversarial inputs (DESIGN.md section 5,
+GitHub issue 4), beside MagNet's own detectors. Inputs:
+
+* the attack cells of an :mod:`eval.tables` run (``<results>/table.json`` and ``<results>/cache/*.npz``):
+  for every (attack, kappa) cell, the adversarial examples whose attack succeeded (positives);
+* natural inputs: the first ``n_natural`` (default 1,000, the MI detector's calibration set) validation
+  images (negatives);
+* the networks of the run (``--checkpoints``, else the run's own ``--checkpoints``, else the default); the
+  cache key of each cell (a hash of the attack settings, the attacked indices, the classifier's weights and
+  the data files) is recomputed and must match, so adversarial examples are never scored against another
+  classifier than the one they were crafted on.
+
+Scores (larger = more suspicious), for a batch x (B, H, W, C), K classes and temperatures T_1..T_n:
+
+* MagNet's detectors from the dataset's preset: MNIST ``I`` = mean (x - AE_I(x))^2, ``II`` = mean |x - AE_II(x)|;
+  CIFAR-10 ``AE`` = mean |x - AE(x)|, ``JSD-T10`` / ``JSD-T40`` = JSD(softmax(Z(x)/T), softmax(Z(R(x))/T));
+* the MI detector at each T, from logits computed once per batch:
+  Z(x) (B, K), Z(R(x)) (B, K) and the conditional logits L[b, j, :] = Z(G(E(x_b), e_j)) (B, K, K), then for all
+  T at once (vectorised over a (n,) temperature axis)
+      p_X = softmax(Z(x)/T),  p_Y = softmax(Z(R(x))/T),  P[j, i] = softmax(L[j, :]/T)_i;
+  reported as ``dJ_<reading>_T<T>`` (Jaccard distance d_J = 1 - I(X;Y)/H(X,Y)) and ``MI_<reading>_T<T>``
+  (I(X;Y)) for both readings (``literal``, ``consistent``; :mod:`magnet_mi_jax.detectors.mi`) and
+  ``HXgY_T<T>`` (H(X|Y) = sum_j p_Y(j) H(P[j, :]), the same under both readings).
+
+Metrics per score and cell (and pooled over the kappas of each attack): ROC AUC (Mann-Whitney, ties count
+1/2; AUC < 0.5 means the score is *lower* on adversarial inputs and 1 - AUC is the AUC of the reversed
+score) and the TPR at FPR 0.5% with the threshold calibrated on the natural scores (MagNet's rule:
+n = floor(N r), threshold = the n-th largest natural score, flag iff score >= threshold), in both
+directions (``tpr`` for "larger = adversarial", ``tpr_reversed`` for "smaller = adversarial").
+
+Outputs: a Markdown report on stdout and in ``--md`` (default ``<results>/detector_auc.md``); JSON with
+``--json`` (default ``<results>/detector_auc.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eval import tables
+from magnet_mi_jax import checkpoint, data
+from magnet_mi_jax.detectors import (MAGNET_PRESETS, MagNet, ReconstructionDetector, magnet_forward, map_batches,
+                                     roc_auc, tpr_at_fpr)
+from magnet_mi_jax.detectors import _checks
+from magnet_mi_jax.detectors.mi import READINGS, MIQuantities, _mi_quantities
+from magnet_mi_jax.utils import device_description, git_commit
+
+__all__ = ["DEFAULT_TEMPERATURES", "DEFAULT_FPR", "DEFAULT_N_NATURAL", "AnalysisError", "conditional_logits",
+           "DetectorScores", "detector_scores", "make_score_fn", "score_names", "flatten_scores",
+           "score_metrics", "analyse", "render_markdown", "run", "main"]
+
+DEFAULT_TEMPERATURES = (1.0, 10.0, 40.0)
+DEFAULT_FPR = 0.005
+DEFAULT_N_NATURAL = 1000
+MI_QUANTITIES = ("jaccard", "mutual_information")          # per reading
+MI_PREFIX = {"jaccard": "dJ", "mutual_information": "MI"}
+
+
+class AnalysisError(RuntimeError):
+    """A missing or inconsistent input of the analysis (results folder, table.json, cache file, networks)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Scores: one jitted pass per batch.
+# --------------------------------------------------------------------------------------------------
+
+
+def conditional_logits(classifier: Callable, classifier_params: Any, encoder: Callable, encoder_params: Any,
+                       generator: Callable, generator_params: Any, x, num_classes: int) -> jnp.ndarray:
+    """L[b, j, :] = Z(G(E(x_b), e_j)) for every condition j, in one batched pass (the logits behind
+    :func:`magnet_mi_jax.detectors.mi.conditional_table`, which is softmax(L / T) along the last axis).
+
+    The codes z = E(x) (B, Dz) are tiled condition-major to (K * B, Dz) against the one-hot rows (K * B, K),
+    exactly as in ``conditional_table``; G and Z each run once on K * B rows.
+
+    Args:
+      classifier: ``Z(params, images) -> logits (N, K)``.
+      classifier_params: its parameters.
+      encoder: ``E(params, x) -> z (B, Dz)``.
+      encoder_params: its parameters.
+      generator: ``G(params, z (N, Dz), y_onehot (N, K)) -> images (N, H, W, C)``.
+      generator_params: its parameters.
+      x: (B, H, W, C) float images.
+      num_classes: K (static).
+
+    Returns:
+      (B, K, K) logits, ``[b, j, i]`` = Z(G(E(x_b), e_j))_i.
+    """
+    x = _checks.check_images(x)
+    b, k = x.shape[0], num_classes
+    z = encoder(encoder_params, x)
+    chex.assert_rank(z, 2)
+    chex.assert_axis_dimension(z, 0, b)
+    z_all = jnp.broadcast_to(z[None], (k, b, z.shape[1])).reshape(k * b, z.shape[1])        # (K*B, Dz)
+    y_all = jnp.repeat(jnp.eye(k, dtype=z.dtype), b, axis=0)                                # (K*B, K)
+    images = generator(generator_params, z_all, y_all)                                      # (K*B, H, W, C)
+    chex.assert_axis_dimension(images, 0, k * b)
+    logits = classifier(classifier_params, images)                                          # (K*B, K)
+    chex.assert_shape(logits, (k * b, k))
+    return jnp.transpose(logits.reshape(k, b, k), (1, 0, 2))                                # [b, j, i]
+
+
+class DetectorScores(NamedTuple):
+    """Every score of one batch of B images; every leaf has the batch on axis 0 (for ``map_batches``).
+
+    Attributes:
+      magnet: MagNet detector name -> (B,) score.
+      mi: reading -> :class:`~magnet_mi_jax.detectors.mi.MIQuantities` whose fields are (B, n), column t
+        at temperature ``temperatures[t]``.
+    """
+
+    magnet: dict
+    mi: dict
+
+
+def detector_scores(magnet: MagNet, applies: Mapping[str, Callable], params: Mapping[str, Any], x,
+                    temperatures: Sequence[float] = DEFAULT_TEMPERATURES, encoder: str = "encoder",
+                    generator: str = "generator") -> DetectorScores:
+    """MagNet's scores and the MI quantities under both readings at every temperature, from one set of logits.
+
+    Network evaluations: Z(x), the auto-encoders, Z(R(x)) (via
+    :func:`~magnet_mi_jax.detectors.magnet.magnet_forward`) and the (B, K, K) conditional logits L (once).
+    The temperatures are a (n,) array the MI math is ``jax.vmap``-ed over: for each T,
+    p_X = softmax(Z(x)/T), p_Y = softmax(Z(R(x))/T), P = softmax(L/T) and the
+    :class:`~magnet_mi_jax.detectors.mi.MIQuantities` of each reading. R is the preset's reformer, as in the
+    MI-strengthened defense. Pure and jittable with ``magnet``, ``applies``, ``temperatures`` static.
+
+    Args:
+      magnet: the dataset's MagNet preset.
+      applies: key -> apply function (MagNet's keys plus ``encoder`` and ``generator``).
+      params: key -> parameters.
+      x: (B, H, W, C) float images in [0, 1].
+      temperatures: the n temperatures T > 0.
+      encoder: key of the alpha-GAN encoder.
+      generator: key of the conditional generator.
+
+    Returns:
+      :class:`DetectorScores`.
+    """
+    temps = tuple(_checks.check_temperature(t) for t in temperatures)
+    if not temps:
+        raise ValueError("temperatures must not be empty")
+    out = magnet_forward(magnet, applies, params, x)
+    clf = magnet.classifier
+    table_logits = conditional_logits(applies[clf], params[clf], applies[encoder], params[encoder],
+                                      applies[generator], params[generator], x, out.logits.shape[1])
+
+    def at_temperature(t):
+        p_x = jax.nn.softmax(out.logits / t, axis=-1)                   # (B, K)
+        p_y = jax.nn.softmax(out.reformed_logits / t, axis=-1)          # (B, K)
+        table = jax.nn.softmax(table_logits / t, axis=-1)               # (B, K, K)
+        return {reading: _mi_quantities(p_x, p_y, table, reading) for reading in READINGS}
+
+    per_t = jax.vmap(at_temperature)(jnp.asarray(temps, out.logits.dtype))   # leaves (n, B)
+    mi = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), per_t)                 # leaves (B, n)
+    return DetectorScores(magnet=dict(out.scores), mi=mi)
+
+
+def make_score_fn(magnet: MagNet, applies: Mapping[str, Callable],
+                  temperatures: Sequence[float] = DEFAULT_TEMPERATURES) -> Callable[[Mapping[str, Any], Any],
+                                                                                     DetectorScores]:
+    """``jax.jit`` of :func:`detector_scores` with the preset, networks and temperatures fixed: ``f(params, x)``."""
+    temps = tuple(float(_checks.check_temperature(t)) for t in temperatures)
+    return jax.jit(functools.partial(detector_scores, magnet, dict(applies), temperatures=temps))
+
+
+def _t_label(t: float) -> str:
+    return f"T{t:g}"
+
+
+def score_names(magnet: MagNet, temperatures: Sequence[float] = DEFAULT_TEMPERATURES) -> dict[str, str]:
+    """Score name -> description, in report order: MagNet's detectors, then the MI scores by temperature."""
+    names = {}
+    for det in magnet.detectors:
+        if isinstance(det, ReconstructionDetector):
+            names[det.name] = f"MagNet reconstruction error of {det.autoencoder}, p = {det.p:g}"
+        else:
+            names[det.name] = f"MagNet JSD at T = {det.temperature:g} ({det.autoencoder})"
+    for t in temperatures:
+        for reading in READINGS:
+            names[f"dJ_{reading}_{_t_label(t)}"] = f"MI Jaccard distance d_J, {reading} reading, T = {t:g}"
+            names[f"MI_{reading}_{_t_label(t)}"] = f"MI I(X;Y), {reading} reading, T = {t:g}"
+        names[f"HXgY_{_t_label(t)}"] = f"MI H(X|Y) (both readings), T = {t:g}"
+    return names
+
+
+def flatten_scores(scores: DetectorScores, temperatures: Sequence[float] = DEFAULT_TEMPERATURES
+                   ) -> dict[str, np.ndarray]:
+    """:class:`DetectorScores` (host arrays) -> score name (as in :func:`score_names`) -> (N,) float64."""
+    flat = {name: np.asarray(v, np.float64) for name, v in scores.magnet.items()}
+    for i, t in enumerate(temperatures):  # naming only: column i of the (N, n) arrays
+        for reading in READINGS:
+            q: MIQuantities = scores.mi[reading]
+            for field in MI_QUANTITIES:
+                flat[f"{MI_PREFIX[field]}_{reading}_{_t_label(t)}"] = np.asarray(getattr(q, field)[:, i], np.float64)
+        flat[f"HXgY_{_t_label(t)}"] = np.asarray(scores.mi[READINGS[0]].h_x_given_y[:, i], np.float64)
+    return flat
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics.
+# --------------------------------------------------------------------------------------------------
+
+
+def score_metrics(natural: np.ndarray, adversarial: np.ndarray, fpr: float = DEFAULT_FPR) -> dict[str, Any]:
+    """ROC AUC and TPR at ``fpr`` of one score, natural (negatives) vs adversarial (positives).
+
+    Args:
+      natural: (N,) natural scores (they calibrate the threshold: n = floor(N r), the n-th largest).
+      adversarial: (M,) adversarial scores; M = 0 gives ``None`` metrics.
+      fpr: r in (0, 1).
+
+    Returns:
+      ``{"auc", "tpr", "threshold", "tpr_reversed", "threshold_reversed", "n_adversarial"}``: ``tpr`` flags
+      score >= threshold; ``tpr_reversed`` applies the same rule to the negated score (smaller = adversarial).
+    """
+    natural = np.asarray(natural, np.float64)
+    adversarial = np.asarray(adversarial, np.float64)
+    if len(adversarial) == 0:
+        return {"auc": None, "tpr": None, "threshold": None, "tpr_reversed": None, "threshold_reversed": None,
+                "n_adversarial": 0}
+    high = tpr_at_fpr(natural, adversarial, fpr)
+    low = tpr_at_fpr(-natural, -adversarial, fpr)
+    finite = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731  (n = floor(N r) = 0: no threshold)
+    return {"auc": roc_auc(natural, adversarial), "tpr": high.tpr, "threshold": finite(high.threshold),
+            "tpr_reversed": low.tpr, "threshold_reversed": finite(-low.threshold),
+            "n_adversarial": int(len(adversarial))}
+
+
+def analyse(natural: Mapping[str, np.ndarray], adversarial: Mapping[tuple[str, float], Mapping[str, np.ndarray]],
+            fpr: float = DEFAULT_FPR) -> dict[str, Any]:
+    """Metrics of every score per (attack, kappa) cell and pooled over the kappas of each attack.
+
+    Args:
+      natural: score name -> (N,) natural scores.
+      adversarial: (attack, kappa) -> score name -> (M_cell,) scores of the cell's successful examples.
+      fpr: the false-positive rate of the TPR.
+
+    Returns:
+      ``{"cells": {"<attack>/<kappa>": {"attack", "kappa", "n_adversarial", "scores": {name: metrics}}},
+      "pooled": {attack: {"kappas", "n_adversarial", "scores": {name: metrics}}}}``.
+    """
+    cells, pooled = {}, {}
+    for (attack, kappa), adv in adversarial.items():
+        missing = set(natural) - set(adv)
+        if missing:
+            raise ValueError(f"cell {attack}/{kappa:g} lacks scores {sorted(missing)}")
+        cells[f"{attack}/{kappa:g}"] = {
+            "attack": attack, "kappa": float(kappa), "n_adversarial": int(len(next(iter(adv.values())))),
+            "scores": {name: score_metrics(natural[name], adv[name], fpr) for name in natural}}
+    for attack in dict.fromkeys(a for a, _ in adversarial):
+        keys = [key for key in adversarial if key[0] == attack]
+        joined = {name: np.concatenate([adversarial[key][name] for key in keys]) for name in natural}
+        pooled[attack] = {"kappas": [float(k) for _, k in keys], "n_adversarial": int(len(next(iter(joined.values())))),
+                          "scores": {name: score_metrics(natural[name], joined[name], fpr) for name in natural}}
+    return {"cells": cells, "pooled": pooled}
+
+
+# --------------------------------------------------------------------------------------------------
+# Report.
+# --------------------------------------------------------------------------------------------------
+
+
+def _fmt(m: Mapping[str, Any]) -> str:
+    if m["auc"] is None:
+        return "-"
+    return f"{m['auc']:.3f} / {100 * m['tpr']:.1f}"
+
+
+def render_markdown(result: Mapping[str, Any]) -> str:
+    """Per-attack tables (rows: scores; columns: kappa and pooled) of "AUC / TPR% at the FPR"."""
+    fpr_pct = 100 * result["fpr"]
+    names = result["scores"]
+    lines = [f"# Detector ROC AUC on {result['dataset']}: natural vs successful adversarial examples", "",
+             f"Natural: the first {result['n_natural']} validation images. Adversarial: the successful examples "
+             f"of each cell of `{result['table_json']}`{' (QUICK PRESET run)' if result['quick'] else ''}. "
+             f"Each entry: ROC AUC / TPR (%) at FPR {fpr_pct:g}% (threshold from the natural scores), larger "
+             "score = adversarial. AUC < 0.5: the score is lower on adversarial inputs (1 - AUC for the reversed "
+             "score; its TPR is in the JSON as `tpr_reversed`).", ""]
+    lines += [f"> warning: {w}" for w in result.get("warnings", [])] + ([""] if result.get("warnings") else [])
+    pooled = result["pooled"]
+    attacks = list(pooled)
+    header = ["score"] + [f"{tables.ATTACK_TITLES.get(a, a)} (n={pooled[a]['n_adversarial']})" for a in attacks]
+    lines += ["## Pooled over kappa", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(_fmt(pooled[a]["scores"][name]) for a in attacks) + " |")
+    lines += ["", "Best score by AUC (pooled): " + "; ".join(
+        f"{tables.ATTACK_TITLES.get(a, a)}: {_best(pooled[a]['scores'])}" for a in attacks), ""]
+    for attack in attacks:
+        keys = [k for k, c in result["cells"].items() if c["attack"] == attack]
+        cols = [f"kappa {result['cells'][k]['kappa']:g} (n={result['cells'][k]['n_adversarial']})" for k in keys]
+        header = ["score"] + cols + ["pooled"]
+        lines += [f"## {tables.ATTACK_TITLES.get(attack, attack)}", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]
+        for name in names:
+            row = [_fmt(result["cells"][k]["scores"][name]) for k in keys] + [_fmt(pooled[attack]["scores"][name])]
+            lines.append(f"| {name} | " + " | ".join(row) + " |")
+        lines.append("")
+    lines += ["Scores: " + "; ".join(f"`{n}` {d}" for n, d in names.items()) + ".", "",
+              f"Commit `{result['git_commit']}`, device {result['device']}, wall time {result['wall_seconds']:.0f} s.",
+              f"Command: `{result['command']}`", ""]
+    return "\n".join(lines)
+
+
+def _best(scores: Mapping[str, Mapping[str, Any]]) -> str:
+    valid = {n: m["auc"] for n, m in scores.items() if m["auc"] is not None}
+    if not valid:
+        return "-"
+    name = max(valid, key=valid.get)
+    mi = {n: a for n, a in valid.items() if n.startswith(("dJ_", "MI_", "HXgY_"))}
+    best_mi = max(mi, key=mi.get) if mi else None
+    text = f"`{name}` {valid[name]:.3f}"
+    if best_mi and best_mi != name:
+        text += f" (best MI score `{best_mi}` {mi[best_mi]:.3f})"
+    return text
+
+
+# --------------------------------------------------------------------------------------------------
+# The run.
+# --------------------------------------------------------------------------------------------------
+
+
+def read_table(results: Path) -> dict[str, Any]:
+    """``<results>/table.json``; an :class:`AnalysisError` names what is missing."""
+    if not results.is_dir():
+        raise AnalysisError(f"results folder {results} does not exist; produce it with "
+                            "`python -m eval.tables --dataset <dataset> [--quick] --out <folder>`")
+    path = results / "table.json"
+    if not path.is_file():
+        raise AnalysisError(f"{path} is missing: {results} is not a finished eval.tables run "
+                            "(the table is written after the last attack cell)")
+    try:
+        table = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise AnalysisError(f"{path} is not valid JSON: {err}") from err
+    for key in ("config", "cells", "indices"):
+        if key not in table:
+            raise AnalysisError(f"{path} has no {key!r}; it was not written by eval.tables")
+    return table
+
+
+def run_checkpoints(table: Mapping[str, Any]) -> str | None:
+    """The ``--checkpoints`` of the recorded ``eval.tables`` command, or None (the default folder)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--checkpoints", default=None)
+    try:
+        args, _ = parser.parse_known_args(shlex.split(table.get("command") or ""))
+    except (ValueError, SystemExit):
+        return None
+    return args.checkpoints
+
+
+def _tables_config(table: Mapping[str, Any]) -> tables.TablesConfig:
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in table["config"].items()}
+    fields = {f.name for f in dataclasses.fields(tables.TablesConfig)}
+    return tables.TablesConfig(**{k: v for k, v in cfg.items() if k in fields})
+
+
+def load_cells(results: Path, table: Mapping[str, Any], ds: data.Dataset, classifier_params: Any,
+               check_cache_key: bool = True) -> dict[tuple[str, float], dict[str, np.ndarray]]:
+    """(attack, kappa) -> the cell's cached arrays (``adv``, ``success``, ...), in table.json's order.
+
+    With ``check_cache_key`` the cache name is recomputed from the run's config, the attacked indices, the
+    loaded classifier's weights and the data; a different name means the examples were crafted for other
+    weights or data, an :class:`AnalysisError`.
+    """
+    config = _tables_config(table)
+    indices = np.asarray(table["indices"], np.int64)
+    context = {"dataset": config.dataset, "indices": data.indices_hash(indices),
+               "classifier": tables.params_hash(classifier_params),
+               "data": hashlib.sha256(json.dumps(ds.md5, sort_keys=True).encode()).hexdigest()[:16]
+               if ds.md5 else ds.source}
+    cells = {}
+    for key, row in table["cells"].items():
+        attack, kappa = row["attack"], float(row["kappa"])
+        path = results / "cache" / row["cache"]
+        if check_cache_key:
+            expected = tables.cache_path(results / "cache", config, attack, kappa, context).name
+            if expected != row["cache"]:
+                raise AnalysisError(
+                    f"cell {key}: its cache {row['cache']} was made for other classifier weights, data or settings "
+                    f"than those loaded (expected {expected}); pass the run's --checkpoints (or "
+                    "--no-check-cache-key to score anyway)")
+        try:
+            cell = tables.load_cell(path, len(indices), ds.image_shape)
+        except RuntimeError as err:
+            raise AnalysisError(f"cell {key}: {err}") from err
+        if cell is None:
+            raise AnalysisError(f"cell {key}: attack cache {path} is missing; rerun the same eval.tables command "
+                                "to recreate it")
+        cells[(attack, kappa)] = cell
+    if not cells:
+        raise AnalysisError(f"{results / 'table.json'} lists no attack cells")
+    return cells
+
+
+def run(results: str | Path, *, dataset_name: str, checkpoints: str | None = None, data_dir: str | None = None,
+        source: str = "auto", dataset: data.Dataset | None = None, n_natural: int = DEFAULT_N_NATURAL,
+        temperatures: Sequence[float] = DEFAULT_TEMPERATURES, fpr: float = DEFAULT_FPR, batch_size: int = 250,
+        check_cache_key: bool = True, command: str = "") -> dict[str, Any]:
+    """Scores natural and adversarial images and returns the JSON result (no files written).
+
+    Args:
+      results: folder of an ``eval.tables`` run (``table.json`` and ``cache/``).
+      dataset_name: ``"mnist"`` or ``"cifar10"``; must be the run's.
+      checkpoints: trained weights; None uses the run's recorded ``--checkpoints`` (else the default folder).
+      data_dir: official dataset files (default ``$MAGNET_MI_DATA_DIR``).
+      source: ``"auto"``, ``"files"`` or ``"tfds"``.
+      dataset: an already loaded :class:`~magnet_mi_jax.data.Dataset` (skips loading).
+      n_natural: how many leading validation images are the natural inputs (N).
+      temperatures: the MI temperatures T.
+      fpr: false-positive rate r of the TPR (threshold: the floor(N r)-th largest natural score).
+      batch_size: images per jitted pass (the conditional table runs K times as many rows).
+      check_cache_key: refuse cells whose cache key does not match the loaded classifier and data.
+      command: the command line, recorded in the result.
+
+    Returns:
+      The result: ``cells`` and ``pooled`` metrics (:func:`analyse`), ``scores`` (name -> description),
+      ``natural_summary``, ``warnings`` (model cards that differ from those the run recorded) and provenance.
+
+    Raises:
+      AnalysisError: missing results folder, table.json or cache file; another dataset; too few validation
+        images; a cache key that does not match the loaded classifier.
+    """
+    start = time.time()
+    results = Path(results)
+    table = read_table(results)
+    if table["config"].get("dataset") != dataset_name:
+        raise AnalysisError(f"{results / 'table.json'} is a {table['config'].get('dataset')} run, not {dataset_name}")
+    ds = dataset if dataset is not None else data.load_dataset(dataset_name, data_dir=data_dir, source=source)
+    if n_natural < 1 or n_natural > len(ds.val_x):
+        raise AnalysisError(f"n_natural={n_natural}, but the validation split has {len(ds.val_x)} images")
+    ckpt = checkpoints if checkpoints is not None else run_checkpoints(table)
+    applies, params, cards = tables.load_networks(dataset_name, ckpt, False, data_dir)
+    cells = load_cells(results, table, ds, params["classifier"], check_cache_key)
+    warnings = []
+    for name, card in cards.items():  # the cache key pins the classifier only; compare the other models' cards
+        recorded = table.get("models", {}).get(name)
+        loaded = {k: card.get(k) for k in ("command", "git_commit", "metrics", "seed")}
+        if recorded is not None and json.loads(json.dumps(loaded)) != recorded:
+            warnings.append(f"model {name}: its card differs from the one the tables run recorded (retrained since?)")
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+
+    magnet = MAGNET_PRESETS[dataset_name]
+    temps = tuple(float(t) for t in temperatures)
+    score_fn = make_score_fn(magnet, applies, temps)
+    scores_of = lambda x: flatten_scores(map_batches(lambda v: score_fn(params, v), x, batch_size), temps)  # noqa: E731
+    print(f"scoring {n_natural} natural validation images and the successful examples of {len(cells)} cells",
+          file=sys.stderr)
+    natural = scores_of(ds.val_x[:n_natural])
+    empty = {name: np.zeros(0) for name in natural}
+    adversarial = {}
+    for (attack, kappa), cell in cells.items():
+        success = cell["success"].astype(bool)
+        adversarial[(attack, kappa)] = scores_of(cell["adv"][success]) if success.any() else empty
+    for what, group in [("natural images", natural)] + [(f"cell {a}/{k:g}", s) for (a, k), s in adversarial.items()]:
+        bad = [name for name, values in group.items() if not np.all(np.isfinite(values))]
+        if bad:
+            raise AnalysisError(f"scores {bad} are not finite on some {what}")
+    metrics = analyse(natural, adversarial, fpr)
+    return {
+        "dataset": dataset_name, "results": str(results), "table_json": str(results / "table.json"),
+        "quick": bool(table["config"].get("quick", False)), "n_natural": int(n_natural), "fpr": float(fpr),
+        "temperatures": list(temps), "readings": list(READINGS), "checkpoints": ckpt,
+        "scores": score_names(magnet, temps),
+        "natural_summary": {n: {"mean": float(v.mean()), "median": float(np.median(v))} for n, v in natural.items()},
+        **metrics,
+        "models": {k: {kk: c.get(kk) for kk in ("command", "git_commit", "metrics", "seed")} for k, c in cards.items()},
+        "warnings": warnings,
+        "git_commit": git_commit(), "device": device_description(), "command": command,
+        "wall_seconds": round(time.time() - start, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=data.DATASETS, required=True)
+    parser.add_argument("--results", required=True, help="folder of an eval.tables run (table.json and cache/)")
+    parser.add_argument("--checkpoints", default=None, help="trained weights (default: the run's --checkpoints)")
+    parser.add_argument("--data-dir", default=None, help=f"official dataset files (default ${data.DATA_DIR_ENV})")
+    parser.add_argument("--source", default="auto", choices=("auto", "files", "tfds"))
+    parser.add_argument("--n-natural", dest="n_natural", type=int, default=DEFAULT_N_NATURAL)
+    parser.add_argument("--temperatures", default=",".join(f"{t:g}" for t in DEFAULT_TEMPERATURES),
+                        help="comma-separated MI temperatures")
+    parser.add_argument("--fpr", type=float, default=DEFAULT_FPR)
+    parser.add_argument("--batch-size", dest="batch_size", type=int, default=250)
+    parser.add_argument("--no-check-cache-key", dest="check_cache_key", action="store_false",
+                        help="score cells even if their cache key does not match the loaded classifier")
+    parser.add_argument("--json", default=None, help="JSON output (default <results>/detector_auc.json)")
+    parser.add_argument("--md", default=None, help="Markdown output (default <results>/detector_auc.md)")
+    args = parser.parse_args(argv)
+    try:
+        temperatures = tuple(float(t) for t in args.temperatures.split(","))
+    except ValueError:
+        parser.error(f"--temperatures must be comma-separated numbers, got {args.temperatures!r}")
+    command = " ".join(["python", "-m", "eval.detector_auc", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        result = run(args.results, dataset_name=args.dataset, checkpoints=args.checkpoints, data_dir=args.data_dir,
+                     source=args.source, n_natural=args.n_natural, temperatures=temperatures, fpr=args.fpr,
+                     batch_size=args.batch_size, check_cache_key=args.check_cache_key, command=command)
+    except (AnalysisError, checkpoint.CheckpointError, data.DataError) as err:
+        parser.exit(2, f"error: {err}\n")
+    md = render_markdown(result)
+    json_path = Path(args.json) if args.json else Path(args.results) / "detector_auc.json"
+    md_path = Path(args.md) if args.md else Path(args.results) / "detector_auc.md"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    md_path.write_text(md)
+    print(md)
+    print(f"wrote {md_path} and {json_path}", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""eval.detector_auc on a synthetic eval.tables run whose AUCs are known in advance.
+
+The auto-encoders have all-zero weights, so AE(x) = sigmoid(0) = 1/2 everywhere and MagNet's scores are
+closed-form: I(x) = mean (x - 1/2)^2, II(x) = mean |x - 1/2|. "Adversarial" cells are built so the answers
+follow from that: all-ones images (I = 1/4, II = 1/2, above every digit: AUC 1), uniform noise (I ~ 1/12, below
+every digit: AUC 0), and the natural images themselves (identical scores: AUC exactly 1/2 for every score).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eval import detector_auc, tables
+from magnet_mi_jax import checkpoint, data
+from magnet_mi_jax.detectors import MNIST_MAGNET, magnet_forward, roc_auc, softmax_t
+from magnet_mi_jax.detectors.mi import READINGS, conditional_table, mi_quantities
+from magnet_mi_jax.models import MnistClassifier, alpha_gan, mnist_ae_i, mnist_ae_ii
+
+N_NAT = 40          # natural validation images
+N_ATT = 40          # "attacked" images per cell
+N_ONES = 30         # successful all-ones examples in cw_l2/0 (the other 10 failed and must be ignored)
+FPR = 0.05          # n = floor(40 * 0.05) = 2 natural scores above the threshold
+TEMPS = (1.0, 10.0, 40.0)
+CONFIG = dataclasses.replace(tables.FULL["mnist"], n_images=N_ATT, kappas=(0.0, 10.0), attacks=("cw_l2", "ead_l1"),
+                             iterations=5, search_steps=1, quick=True)
+
+
+def _save_checkpoints(root):
+    ckpt = root / "checkpoints"
+    clf = checkpoint.init_params(MnistClassifier(), "mnist", jax.random.key(0))
+    # Untrained logits are ~0.1 and every softmax nearly uniform; a 30x output layer spreads the MI scores.
+    clf["params"]["logits"]["kernel"] = 30.0 * clf["params"]["logits"]["kernel"]
+    checkpoint.save_params(ckpt / "mnist" / "classifier", clf, {"command": "untrained"})
+    for name, build in (("ae_i", mnist_ae_i), ("ae_ii", mnist_ae_ii)):
+        zero = jax.tree.map(jnp.zeros_like, checkpoint.init_params(build(), "mnist", jax.random.key(1)))
+        checkpoint.save_params(ckpt / "mnist" / name, zero, {"command": "zero weights"})
+    gan = alpha_gan.mnist_alpha_gan()
+    checkpoint.save_params(ckpt / "mnist" / "generator", alpha_gan.init_params(gan, jax.random.key(2)),
+                           {"command": "untrained"})
+    return ckpt, clf
+
+
+def _write_run(results, ckpt, clf_params, ds):
+    """A table.json and cache files exactly as eval.tables names them (cache keys match the classifier)."""
+    indices = np.arange(N_ATT, dtype=np.int64)
+    context = {"dataset": "mnist", "indices": data.indices_hash(indices), "classifier": tables.params_hash(clf_params),
+               "data": hashlib.sha256(json.dumps(ds.md5, sort_keys=True).encode()).hexdigest()[:16]}
+    nat = ds.val_x[:N_NAT]
+    ones = np.ones_like(nat)
+    noise = np.random.default_rng(0).uniform(size=nat.shape).astype(np.float32)
+    half = np.full_like(nat, 0.5)
+    cells = {  # (attack, kappa) -> (adv, success)
+        ("cw_l2", 0.0): (np.concatenate([ones[:N_ONES], half[N_ONES:]]), np.arange(N_ATT) < N_ONES),
+        ("cw_l2", 10.0): (nat, np.ones(N_ATT, bool)),
+        ("ead_l1", 0.0): (noise, np.zeros(N_ATT, bool)),
+        ("ead_l1", 10.0): (noise, np.ones(N_ATT, bool)),
+    }
+    rows = {}
+    for (attack, kappa), (adv, success) in cells.items():
+        path = tables.cache_path(results / "cache", CONFIG, attack, kappa, context)
+        zeros = np.zeros(N_ATT, np.float32)
+        tables.save_cell(path, dict(adv=adv, success=success, l0=zeros, l1=zeros, l2=zeros, linf=zeros, const=zeros))
+        rows[f"{attack}/{kappa:g}"] = {"attack": attack, "kappa": kappa, "cache": path.name}
+    table = {"config": dataclasses.asdict(CONFIG), "indices": indices.tolist(), "cells": rows,
+             "command": f"python -m eval.tables --dataset mnist --quick --checkpoints {ckpt}",
+             "models": {"classifier": {"command": "untrained", "git_commit": None, "metrics": None, "seed": None},
+                        "ae_ii": {"command": "retrained", "git_commit": None, "metrics": None, "seed": None}}}
+    (results / "table.json").write_text(json.dumps(table))
+    return table
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory, mnist, data_dir):
+    root = tmp_path_factory.mktemp("detector_auc")
+    ckpt, clf = _save_checkpoints(root)
+    results = root / "results"
+    table = _write_run(results, ckpt, clf, mnist)
+    out = detector_auc.main(["--dataset", "mnist", "--results", str(results), "--n-natural", str(N_NAT),
+                             "--fpr", str(FPR), "--batch-size", "20", "--source", "files", "--data-dir", str(data_dir),
+                             "--json", str(root / "auc.json")])
+    return root, results, ckpt, table, out
+
+
+def test_schema_and_files(synthetic):
+    root, results, ckpt, _, out = synthetic
+    saved = json.loads((root / "auc.json").read_text())   # strict JSON round trip (no NaN/Infinity needed)
+    assert saved["cells"] == json.loads(json.dumps(out["cells"]))
+    md = (results / "detector_auc.md").read_text()
+    assert "## Pooled over kappa" in md and "| dJ_literal_T1 |" in md and "| HXgY_T40 |" in md
+    assert saved["checkpoints"] == str(ckpt)   # taken from the run's recorded command
+    # Cards that differ from those the run recorded are reported (the cache key pins only the classifier).
+    assert len(saved["warnings"]) == 1 and "model ae_ii" in saved["warnings"][0]
+    assert "> warning: model ae_ii" in md
+    names = {"I", "II"} | {f"{q}_{r}_T{t:g}" for q in ("dJ", "MI") for r in READINGS for t in TEMPS} | {
+        f"HXgY_T{t:g}" for t in TEMPS}
+    assert set(saved["scores"]) == names and len(names) == 17
+    assert set(saved["cells"]) == {"cw_l2/0", "cw_l2/10", "ead_l1/0", "ead_l1/10"}
+    assert set(saved["pooled"]) == {"cw_l2", "ead_l1"}
+    for group in list(saved["cells"].values()) + list(saved["pooled"].values()):
+        assert set(group["scores"]) == names
+        for m in group["scores"].values():
+            assert set(m) == {"auc", "tpr", "threshold", "tpr_reversed", "threshold_reversed", "n_adversarial"}
+            if group["n_adversarial"]:
+                assert 0.0 <= m["auc"] <= 1.0 and 0.0 <= m["tpr"] <= 1.0 and 0.0 <= m["tpr_reversed"] <= 1.0
+    # Only successful examples count; a cell without successes has no metrics.
+    assert saved["cells"]["cw_l2/0"]["n_adversarial"] == N_ONES
+    assert saved["cells"]["ead_l1/0"]["n_adversarial"] == 0
+    assert all(m["auc"] is None for m in saved["cells"]["ead_l1/0"]["scores"].values())
+    assert saved["pooled"]["cw_l2"]["n_adversarial"] == N_ONES + N_ATT
+
+
+def test_known_aucs(synthetic):
+    out = synthetic[-1]
+    cells, pooled = out["cells"], out["pooled"]
+    for name in ("I", "II"):
+        ones, noise = cells["cw_l2/0"]["scores"][name], cells["ead_l1/10"]["scores"][name]
+        assert ones["auc"] == 1.0 and ones["tpr"] == 1.0 and ones["tpr_reversed"] == 0.0
+        assert noise["auc"] == 0.0 and noise["tpr"] == 0.0 and noise["tpr_reversed"] == 1.0
+    assert cells["cw_l2/0"]["scores"]["I"]["threshold"] < 0.25  # below the all-ones score 1/4
+    # Natural images as "adversarial": identical scores, AUC exactly 1/2 for every score.
+    for name, m in cells["cw_l2/10"]["scores"].items():
+        assert m["auc"] == 0.5, name
+    # Pooling over kappa (same negatives): the AUC is the successes-weighted mean of the cells' AUCs.
+    for name, m in pooled["cw_l2"]["scores"].items():
+        expect = (N_ONES * cells["cw_l2/0"]["scores"][name]["auc"] + N_ATT * 0.5) / (N_ONES + N_ATT)
+        assert m["auc"] == pytest.approx(expect, abs=1e-12), name
+    assert pooled["ead_l1"]["scores"] == cells["ead_l1/10"]["scores"]
+
+
+def test_scores_equal_per_t_library_calls_and_pin_the_aucs(synthetic, mnist):
+    """One vectorised pass over all T equals separate per-T library calls (magnet_forward, conditional_table,
+    mi_quantities); those independent scores, ranked by brute force, reproduce the report's AUCs on cw_l2/0."""
+    _, _, ckpt, _, out = synthetic
+    applies, params, _ = tables.load_networks("mnist", str(ckpt), False, None)
+    x = jnp.asarray(np.concatenate([mnist.val_x[:N_NAT], np.ones((1, 28, 28, 1), np.float32)]))  # naturals, ones
+    got = detector_auc.make_score_fn(MNIST_MAGNET, applies, TEMPS)(params, x)
+    fwd = magnet_forward(MNIST_MAGNET, applies, params, x)
+    logits = detector_auc.conditional_logits(applies["classifier"], params["classifier"], applies["encoder"],
+                                             params["encoder"], applies["generator"], params["generator"], x, 10)
+    assert logits.shape == (N_NAT + 1, 10, 10)
+    for name in ("I", "II"):
+        np.testing.assert_allclose(got.magnet[name], fwd.scores[name], rtol=1e-6)
+    reference = {}
+    for i, t in enumerate(TEMPS):
+        table = conditional_table(applies["classifier"], params["classifier"], applies["encoder"], params["encoder"],
+                                  applies["generator"], params["generator"], x, 10, t)
+        np.testing.assert_allclose(jax.nn.softmax(logits / t, axis=-1), table, rtol=1e-5, atol=1e-7)
+        for r in READINGS:
+            want = mi_quantities(softmax_t(fwd.logits, t), softmax_t(fwd.reformed_logits, t), table, r)
+            for field in want._fields:
+                np.testing.assert_allclose(getattr(got.mi[r], field)[:, i], getattr(want, field), rtol=1e-5,
+                                           atol=1e-6, err_msg=f"{r} {field} T={t}")
+            reference[f"dJ_{r}_T{t:g}"] = want.jaccard
+            reference[f"MI_{r}_T{t:g}"] = want.mutual_information
+            reference[f"HXgY_T{t:g}"] = want.h_x_given_y
+    flat = detector_auc.flatten_scores(jax.device_get(got), TEMPS)
+    assert list(flat) == list(detector_auc.score_names(MNIST_MAGNET, TEMPS))
+    np.testing.assert_array_equal(flat["dJ_consistent_T10"], np.asarray(got.mi["consistent"].jaccard[:, 1]))
+
+    # The report scored the 40 naturals and 30 identical all-ones images in other batches. Pairs closer than
+    # float32 rounding may order either way between two computations, so the reported AUC must lie between
+    # the brute-force counts with those pairs lost and won.
+    resolved_counts = {}
+    for name, values in reference.items():
+        values = np.asarray(values, np.float64)
+        n, a = values[:N_NAT], values[N_NAT]
+        resolved = np.abs(a - n) > 1e-5 * max(1.0, abs(a))
+        low = float(np.mean(resolved & (a > n)))
+        high = low + float(np.mean(~resolved))
+        auc = out["cells"]["cw_l2/0"]["scores"][name]["auc"]
+        assert low - 1e-12 <= auc <= high + 1e-12, (name, auc, low, high)
+        assert roc_auc(n, np.full(N_ONES, a)) == pytest.approx(float(np.mean((a > n) + 0.5 * (a == n))), abs=1e-12)
+        resolved_counts[name] = int(resolved.sum())
+    # The check has teeth: at T = 1 every pair of the MI scores is resolved, so those AUCs are pinned exactly.
+    for name in ("dJ_literal_T1", "MI_literal_T1", "dJ_consistent_T1", "MI_consistent_T1", "HXgY_T1"):
+        assert resolved_counts[name] == N_NAT, (name, resolved_counts[name])
+
+
+def test_clear_errors(synthetic, tmp_path, mnist):
+    root, results, ckpt, table, _ = synthetic
+    kwargs = dict(dataset_name="mnist", dataset=mnist, n_natural=N_NAT, fpr=FPR, batch_size=20)
+    with pytest.raises(detector_auc.AnalysisError, match="results folder .*nowhere does not exist"):
+        detector_auc.run(tmp_path / "nowhere", **kwargs)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(detector_auc.AnalysisError, match="table.json is missing"):
+        detector_auc.run(tmp_path / "empty", **kwargs)
+    with pytest.raises(detector_auc.AnalysisError, match="is a mnist run, not cifar10"):
+        detector_auc.run(results, **{**kwargs, "dataset_name": "cifar10"})
+    # A missing cache file names the cell and the file.
+    broken = tmp_path / "broken"
+    (broken / "cache").mkdir(parents=True)
+    (broken / "table.json").write_text(json.dumps(table))
+    with pytest.raises(detector_auc.AnalysisError, match=r"cell cw_l2/0: attack cache .*cw_l2_kappa0_.*missing"):
+        detector_auc.run(broken, **kwargs)
+    # Other attacked indices (or another classifier) -> another cache key: refused unless asked.
+    moved = dict(table, indices=[i + 1 for i in table["indices"]])
+    (broken / "table.json").write_text(json.dumps(moved))
+    with pytest.raises(detector_auc.AnalysisError, match="made for other classifier weights"):
+        detector_auc.run(broken, **kwargs)
+    # The CLI turns these into a one-line error and exit status 2.
+    with pytest.raises(SystemExit) as exc:
+        detector_auc.main(["--dataset", "mnist", "--results", str(tmp_path / "nowhere")])
+    assert exc.value.code == 2
