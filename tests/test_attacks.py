@@ -192,6 +192,11 @@ def test_en_and_l1_rules_on_the_same_trajectories():
     assert np.all(np.asarray(l1.l1) <= np.asarray(en.l1) + 1e-5)
     assert np.all(en_score(en) <= en_score(l1) + 1e-5)
     assert np.any(np.abs(np.asarray(l1.adv) - np.asarray(en.adv)) > 1e-4), "rules picked identical iterates"
+    both = ead(linear_logits, x0, labels, rule=("en", "l1"), **kw)        # one run, both rules
+    assert sorted(both) == ["en", "l1"]
+    for rule, single in (("en", en), ("l1", l1)):
+        for a, b in zip(single, both[rule]):
+            np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32), atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -307,6 +312,8 @@ def test_input_errors():
         ead(linear_logits, x0, labels, params=params, const=0.0, **FAST)
     with pytest.raises(ValueError, match="rule must be one of"):
         ead(linear_logits, x0, labels, params=params, rule="l2", **FAST)
+    with pytest.raises(ValueError, match="rule must be one of"):
+        ead(linear_logits, x0, labels, params=params, rule=("en", "en"), **FAST)
     with pytest.raises(ValueError, match="method must be one of"):
         ead(linear_logits, x0, labels, params=params, method="adam", **FAST)
     with pytest.raises(ValueError, match="iterations must be a positive integer"):

@@ -72,10 +72,11 @@ def keep_best(best_score, best_adv, best_const, candidate, score, success, const
             jnp.where(improve, const, best_const))
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "has_params", "rule", "iterations", "search_steps",
+@functools.partial(jax.jit, static_argnames=("logits_fn", "has_params", "rules", "iterations", "search_steps",
                                              "abort_early", "targeted", "method", "fast"))
-def _ead_core(params, x0, labels, kappa, const, beta, learning_rate, *, logits_fn, has_params, rule,
-              iterations, search_steps, abort_early, targeted, method, fast) -> AttackResult:
+def _ead_core(params, x0, labels, kappa, const, beta, learning_rate, *, logits_fn, has_params, rules,
+              iterations, search_steps, abort_early, targeted, method, fast) -> tuple[AttackResult, ...]:
+    """One result per decision rule in ``rules``: the iterates (and the binary search) do not depend on it."""
     logits = common.bind_logits(logits_fn, params, has_params, fast)
     axes = tuple(range(1, x0.ndim))
     big = jnp.full(labels.shape, jnp.inf, jnp.float32)
@@ -83,16 +84,17 @@ def _ead_core(params, x0, labels, kappa, const, beta, learning_rate, *, logits_f
 
     def grad_g(y, c):
         chex.assert_equal_shape((c, labels))
+
         def g(y):
             f, _ = common.margin_loss(logits(y), labels, kappa, targeted)
             return jnp.sum(c * f) + jnp.sum(jnp.square(y - x0))
         return jax.grad(g)(y)
 
     def search_step(_, outer):
-        c, lower, upper, best_score, best_adv, best_const, found = outer
+        c, lower, upper, bests, found, _ = outer
 
         def iteration(k, inner):
-            x, y, step_ok, best_score, best_adv, best_const, active, prev = inner
+            x, y, step_ok, bests, active, prev = inner
             kf = k.astype(jnp.float32)
             step = learning_rate * jnp.sqrt(1.0 - kf / iterations)
             x_new = shrinkage(y - step * grad_g(y, c), x0, beta)
@@ -108,39 +110,38 @@ def _ead_core(params, x0, labels, kappa, const, beta, learning_rate, *, logits_f
             l2sq, l1 = jnp.sum(jnp.square(d), axes), jnp.sum(jnp.abs(d), axes)
             ok = ok & active
             step_ok = step_ok | ok
-            best_score, best_adv, best_const = keep_best(best_score, best_adv, best_const, x_new,
-                                                         rule_score(l2sq, l1, beta, rule), ok, c)
+            bests = tuple(keep_best(*best, x_new, rule_score(l2sq, l1, beta, rule), ok, c)
+                          for best, rule in zip(bests, rules))
             if abort_early:
                 loss = c * f + l2sq + beta * l1
                 check = (k % check_every) == 0
-                active = active & ~(check & (loss > prev * 0.9999))
-                prev = jnp.where(check, loss, prev)
-            return x_new, y_new, step_ok, best_score, best_adv, best_const, active, prev
+                stop = active & check & (loss > prev * 0.9999)
+                prev = jnp.where(check & active, loss, prev)
+                active = active & ~stop
+            return x_new, y_new, step_ok, bests, active, prev
 
-        init = (x0, x0, jnp.zeros(labels.shape, bool), best_score, best_adv, best_const,
-                jnp.ones(labels.shape, bool), big)
+        init = (x0, x0, jnp.zeros(labels.shape, bool), bests, jnp.ones(labels.shape, bool), big)
         if abort_early:
             def cond(state):
-                return (state[0] < iterations) & jnp.any(state[1][6])
+                return (state[0] < iterations) & jnp.any(state[1][4])
             _, inner = lax.while_loop(cond, lambda s: (s[0] + 1, iteration(s[0], s[1])), (jnp.int32(0), init))
         else:
             inner = lax.fori_loop(0, iterations, iteration, init)
-        _, _, step_ok, best_score, best_adv, best_const, _, _ = inner
+        step_ok, bests = inner[2], inner[3]
         found = found | step_ok
         new_c, lower, upper = common.update_const(c, lower, upper, step_ok)
-        return new_c, lower, upper, best_score, best_adv, best_const, found, c
+        return new_c, lower, upper, bests, found, c      # the last slot: the c of the step just run
 
     zeros = jnp.zeros(labels.shape, jnp.float32)
-    outer = (const, zeros, jnp.full(labels.shape, common.UPPER_INIT, jnp.float32), big, x0, const,
-             jnp.zeros(labels.shape, bool))
-    # The carry's last slot holds the c of the step just run (the "last const" for failures).
-    state = lax.fori_loop(0, search_steps, lambda i, s: search_step(i, s[:7]), outer + (const,))
-    _, _, _, _, best_adv, best_const, found, last_c = state
-    return common.finish(x0, best_adv, found, best_const, last_c)
+    bests = tuple((big, x0, const) for _ in rules)      # per rule: (score, adversarial, const), kept over steps
+    outer = (const, zeros, jnp.full(labels.shape, common.UPPER_INIT, jnp.float32), bests,
+             jnp.zeros(labels.shape, bool), const)
+    _, _, _, bests, found, last_c = lax.fori_loop(0, search_steps, search_step, outer)
+    return tuple(common.finish(x0, adv, found, best_const, last_c) for _, adv, best_const in bests)
 
 
 def ead(logits_fn: Callable, x0, labels, *, params: Any = None, kappa=0.0, const=1e-3, beta: float = 1e-2,
-        rule: str = "en", learning_rate: float = 1e-2, iterations: int = 1000, search_steps: int = 9,
+        rule: str | Sequence[str] = "en", learning_rate: float = 1e-2, iterations: int = 1000, search_steps: int = 9,
         abort_early: bool = False, targeted: bool = False, method: str = "fista", fast_vjp: bool = True,
         devices: Sequence[jax.Device] | None = None, check_range: bool = True) -> AttackResult:
     """EAD (elastic-net) attack on any classifier, as one jitted computation (equations: module docstring).
@@ -157,7 +158,9 @@ def ead(logits_fn: Callable, x0, labels, *, params: Any = None, kappa=0.0, const
         folded into the batch); the result then has leading axes (G, B).
       const: initial c > 0 of the binary search: scalar, (B,) or broadcastable to kappa's shape. Default 1e-3.
       beta: the L1 weight and shrinkage threshold. Default 1e-2.
-      rule: decision rule over successful iterates, "en" (elastic net) or "l1".
+      rule: decision rule over successful iterates, "en" (elastic net) or "l1"; or a sequence of rules, e.g.
+        ``("en", "l1")``: one run then returns ``{rule: AttackResult}``, each exactly what a run with that
+        rule alone gives (the iterates and the search over c do not depend on the rule), at the cost of one.
       learning_rate: initial step size a_0; decays as ``a_k = a_0 (1 - k/K)^(1/2)``. Default 1e-2.
       iterations: K, iterations per search step. Default 1,000.
       search_steps: binary-search steps over c. Default 9.
@@ -173,7 +176,7 @@ def ead(logits_fn: Callable, x0, labels, *, params: Any = None, kappa=0.0, const
     Returns:
       :class:`~magnet_mi_jax.attacks.common.AttackResult` with ``adv`` (B, ...), ``success``, ``l0``, ``l1``,
       ``l2``, ``linf`` and ``const`` (B,); leading (G, B) for a kappa grid. Failures return x0, success
-      False and zero distortions.
+      False and zero distortions. With a sequence of rules: a dict from rule to such a result.
 
     Raises:
       ValueError/TypeError: wrong shapes, dtypes, pixel or label range, kappa < 0, const <= 0, unknown rule.
@@ -191,8 +194,9 @@ def ead(logits_fn: Callable, x0, labels, *, params: Any = None, kappa=0.0, const
       >>> res.adv.shape, res.success.shape      # a 2-point kappa grid in one call
       ((2, 4, 4, 4, 1), (2, 4))
     """
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
+    rules = (rule,) if isinstance(rule, str) else tuple(rule)
+    if not rules or any(r not in RULES for r in rules) or len(set(rules)) != len(rules):
+        raise ValueError(f"rule must be one of {RULES} or a sequence of distinct ones; got {rule!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     if not beta >= 0:
@@ -201,8 +205,9 @@ def ead(logits_fn: Callable, x0, labels, *, params: Any = None, kappa=0.0, const
     has_params = params is not None
     x0, labels, kappa, const, grid = common.check_inputs(logits_fn, params, x0, labels, kappa, const,
                                                          has_params=has_params, check_range=check_range)
-    core = functools.partial(_ead_core, logits_fn=logits_fn, has_params=has_params, rule=rule,
+    core = functools.partial(_ead_core, logits_fn=logits_fn, has_params=has_params, rules=rules,
                              iterations=int(iterations), search_steps=int(search_steps),
                              abort_early=bool(abort_early), targeted=bool(targeted), method=method,
                              fast=bool(fast_vjp))
-    return common.run_batched(core, params, x0, labels, kappa, const, (beta, learning_rate), grid, devices)
+    out = common.run_batched(core, params, x0, labels, kappa, const, (beta, learning_rate), grid, devices)
+    return out[0] if isinstance(rule, str) else dict(zip(rules, out))
