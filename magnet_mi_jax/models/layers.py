@@ -20,12 +20,15 @@ Why (measured on the project's 2-core x86-64 machine, jaxlib 0.10.2; see BENCHMA
   transpose rule builds the same convolution, but inside a ``lax`` loop XLA:CPU runs it several times slower
   than when it is written out explicitly in a ``custom_vjp``; so the VJP here writes it out (and runs it
   through the same CPU padding fix).
+* With at most 4 input channels (NHWC, e.g. the first layer of an MNIST network) that convolution would have
+  a single output channel, which XLA:CPU runs several times slower than its FLOPs; the input gradient is
+  then a matmul ``g . W^T`` followed by col2im (a fused sum of shifted pads), :func:`_input_gradient_col`.
 * The kernel gradient is JAX's own (``jax.vjp`` of the native convolution in the kernel), so training sees
   the exact same kernel gradient as ``nn.Conv``.
 * Non-overlapping max pooling (window = stride, no padding) gets a VJP that scatters the cotangent to the
   first maximum of each window, in row-major window order, exactly like XLA's ``select_and_scatter``
-  (the transpose JAX uses for ``lax.reduce_window`` max), but as fused elementwise work: XLA:CPU's
-  ``select_and_scatter`` costs several forward passes of the whole classifier.
+  (the transpose JAX uses for ``lax.reduce_window`` max), but as one fused elementwise pass: XLA:CPU's
+  ``select_and_scatter`` costs about as much as a forward pass of the whole MNIST classifier.
 
 Every other configuration (strides, dilations, feature groups, overlapping or padded pools) falls back to the
 native ``lax`` operation, so the functions here are drop-in replacements.
@@ -34,6 +37,7 @@ native ``lax`` operation, so the functions here are drop-in replacements.
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Sequence
 
 import flax.linen as nn
@@ -98,6 +102,38 @@ def _conv_impl(lhs, rhs, padding, dn, precision):
         default=functools.partial(_conv_native, padding=padding, dn=dn, precision=precision))
 
 
+#: Input gradients with at most this many input channels use the matmul + col2im form (below).
+COL_GRADIENT_MAX_CHANNELS = 4
+_NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+
+
+def _use_col_gradient(lhs, dn) -> bool:
+    return lhs.ndim == 4 and dn == _NHWC and lhs.shape[3] <= COL_GRADIENT_MAX_CHANNELS
+
+
+def _input_gradient_col(g, w, x_shape, padding, precision):
+    """dL/dx of an NHWC/HWIO stride-1 convolution with few input channels, as a matmul and col2im.
+
+    ``P[b, h, w, i, j, c] = sum_o g[b, h, w, o] W[i, j, c, o]`` (one matmul), then every kernel offset (i, j)
+    adds its slice of P at input position (h + i - lo_h, w + j - lo_w): a fused sum of shifted pads. With one
+    input channel (the first layer of an MNIST network) the convolution form would produce a single output
+    channel, a shape XLA:CPU runs several times slower than this.
+    """
+    kh, kw = w.shape[:2]
+    h, wd = x_shape[1:3]
+    ho, wo = g.shape[1:3]
+    (lo_h, _), (lo_w, _) = padding
+    p = jnp.einsum("bhwo,ijco->bhwijc", g, w, precision=precision)
+    dx = jnp.zeros(x_shape, g.dtype)
+    zero = jnp.zeros((), g.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            top, left = i - lo_h, j - lo_w
+            dx = dx + lax.pad(p[:, :, :, i, j, :], zero,
+                              ((0, 0, 0), (top, h - ho - top, 0), (left, wd - wo - left, 0), (0, 0, 0)))
+    return dx
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _fast_conv(lhs, rhs, padding, dn, precision):
     return _conv_impl(lhs, rhs, padding, dn, precision)
@@ -114,10 +150,13 @@ def _fast_conv_bwd(padding, dn, precision, res, g):
     # dL/dx = conv(g, rev(W)^T) with padding (k-1-lo, k-1-hi). W^T is materialised (swapping W's input and
     # output feature axes in place, so the kernel keeps its layout): leaving the swap to the dimension numbers
     # instead makes XLA:CPU run this convolution about 6x slower inside a loop (measured, BENCHMARKS.md).
-    w_t = jnp.swapaxes(lax.rev(rhs, spatial), dn.rhs_spec[0], dn.rhs_spec[1])
-    dn_t = lax.ConvDimensionNumbers(lhs_spec=dn.out_spec, rhs_spec=dn.rhs_spec, out_spec=dn.lhs_spec)
-    pad_t = tuple((kk - 1 - lo, kk - 1 - hi) for kk, (lo, hi) in zip(k, padding))
-    dx = _conv_impl(g, w_t, pad_t, dn_t, precision)
+    if _use_col_gradient(lhs, dn):
+        dx = _input_gradient_col(g, rhs, lhs.shape, padding, precision)
+    else:
+        w_t = jnp.swapaxes(lax.rev(rhs, spatial), dn.rhs_spec[0], dn.rhs_spec[1])
+        dn_t = lax.ConvDimensionNumbers(lhs_spec=dn.out_spec, rhs_spec=dn.rhs_spec, out_spec=dn.lhs_spec)
+        pad_t = tuple((kk - 1 - lo, kk - 1 - hi) for kk, (lo, hi) in zip(k, padding))
+        dx = _conv_impl(g, w_t, pad_t, dn_t, precision)
     # The kernel gradient is JAX's own transpose rule: bit-for-bit what nn.Conv gives.
     _, vjp_w = jax.vjp(lambda w: _conv_native(lhs, w, padding, dn, precision), rhs)
     (dw,) = vjp_w(g)
@@ -190,21 +229,28 @@ def _fast_pool_bwd(window, res, g):
     x, y = res
     _, shape, axes = _pool_reshape(x, window)
     xr = x.reshape(shape)
-    yb, gb = jnp.expand_dims(y, axes), jnp.expand_dims(g, axes)
-    is_max = xr == yb
-    # First maximum in row-major window order (as select_and_scatter): an element wins iff it is a maximum
-    # and no earlier window position is. Rank r = row-major index of the position inside its window.
     sizes = [shape[a] for a in axes]
-    rank = 0
-    for a, s in zip(axes, sizes):
-        iota = lax.broadcasted_iota(jnp.int32, [s if i == a else 1 for i in range(len(shape))], a)
-        rank = rank * s + iota
-    n = 1
-    for s in sizes:
-        n *= s
-    first = jnp.min(jnp.where(is_max, rank, n), axis=axes, keepdims=True)
-    dx = jnp.where(rank == first, gb, jnp.zeros((), g.dtype))
-    return (dx.reshape(x.shape),)
+    # The cotangent goes to the first maximum of each window in row-major window order (as XLA's
+    # select_and_scatter): visit the window positions in that order, each taking g where it holds the max and
+    # no earlier position did. One fused elementwise pass; no reduction, no scatter.
+    taken = jnp.zeros(y.shape, bool)
+    parts = []
+    for pos in itertools.product(*(range(s) for s in sizes)):
+        index = [slice(None)] * len(shape)
+        for a, i in zip(axes, pos):
+            index[a] = i
+        hit = (xr[tuple(index)] == y) & ~taken
+        parts.append(jnp.where(hit, g, jnp.zeros((), g.dtype)))
+        taken = taken | hit
+    stacked = jnp.stack(parts).reshape(tuple(sizes) + y.shape)
+    perm, rest = [], len(axes)
+    for d in range(len(shape)):
+        if d in axes:
+            perm.append(axes.index(d))
+        else:
+            perm.append(rest)
+            rest += 1
+    return (stacked.transpose(perm).reshape(x.shape),)
 
 
 _fast_pool.defvjp(_fast_pool_fwd, _fast_pool_bwd)
