@@ -32,14 +32,19 @@ Losses (one step; x, y a batch of real images and their one-hot labels; sigma th
 * Code discriminator:   L_C = mean_b softplus(-C(z_p', y)) + mean_b softplus(C(z_e, y))   (z_e held constant;
   z_p' ~ N(0, I) drawn independently of z_p)
 
-The relabelled reconstructions x_s are what make G(E(x), j) look like class j for every condition j: the
-projection discriminator judges them against class j and the auxiliary classifier demands class j, while the
-reconstruction term ties the style to x. :func:`update_step` takes one simultaneous gradient step of all four
+Two things make G(E(x), j) look like class j for every condition j: the label-conditioned code discriminator
+removes the class from the code (so the reconstruction term itself forces G to read y), and the relabelled
+reconstructions x_s are judged by the projection discriminator against class j and by the auxiliary
+classifier, while the reconstruction term ties the style to x. :func:`update_step` takes one simultaneous gradient step of all four
 networks (E and G together on L_EG, D on L_D, C on L_C), each with its own optax optimiser.
 
 Pure helpers for users (e.g. the MI detector): :func:`encoder_fn` -> ``encoder(params, x) -> z`` and
 :func:`generator_fn` -> ``generator(params, z, y_onehot) -> images``, :func:`generate_all_conditions` gives
-G(E(x), e_j) for every j, :func:`conditional_accuracy` scores it with a classifier.
+G(E(x), e_j) for every j, :func:`conditional_accuracy` scores it with a classifier. Example::
+
+    module, params, card = checkpoint.load_model("mnist", "generator")
+    encoder, generator = alpha_gan.encoder_fn(module), alpha_gan.generator_fn(module)
+    images = generator(params, encoder(params, x), jax.nn.one_hot(labels, 10))   # (B, 28, 28, 1)
 """
 
 from __future__ import annotations
