@@ -20,7 +20,7 @@ BUILDS = {"mnist": alpha_gan.mnist_alpha_gan, "cifar10": alpha_gan.cifar_alpha_g
 @functools.lru_cache(maxsize=None)
 def _model(dataset):
     module = BUILDS[dataset]()
-    return module, alpha_gan.init_params(module, jax.random.key(0))
+    return module, jax.jit(alpha_gan.init_params, static_argnums=0)(module, jax.random.key(0))
 
 
 def _onehot(labels, k=10):
