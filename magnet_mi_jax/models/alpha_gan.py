@@ -35,8 +35,9 @@ Losses (one step; x, y a batch of real images and their one-hot labels; sigma th
 Two things make G(E(x), j) look like class j for every condition j: the label-conditioned code discriminator
 removes the class from the code (so the reconstruction term itself forces G to read y), and the relabelled
 reconstructions x_s are judged by the projection discriminator against class j and by the auxiliary
-classifier, while the reconstruction term ties the style to x. :func:`update_step` takes one simultaneous gradient step of all four
-networks (E and G together on L_EG, D on L_D, C on L_C), each with its own optax optimiser.
+classifier, while the reconstruction term ties the style to x. :func:`update_step` takes one simultaneous
+gradient step of all four networks (E and G together on L_EG, D on L_D, C on L_C), each with its own optax
+optimiser.
 
 Pure helpers for users (e.g. the MI detector): :func:`encoder_fn` -> ``encoder(params, x) -> z`` and
 :func:`generator_fn` -> ``generator(params, z, y_onehot) -> images``, :func:`generate_all_conditions` gives
