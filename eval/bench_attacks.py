@@ -95,6 +95,37 @@ def _summary(j: dict[str, np.ndarray], both: np.ndarray) -> dict[str, float]:
             "mean_l1_common": mean(j["l1"], both), "mean_l2_common": mean(j["l2"], both)}
 
 
+def iteration_ratios(module, params, x0, labels, repeats: int = 5) -> dict[str, float]:
+    """Per-iteration cost free of compile and per-call overhead: (time at K=30 - time at K=10) / 20, one
+    search step, all candidates interleaved and the best of ``repeats`` rounds kept (robust to other load)."""
+    fast = fast_vjp(module.apply)
+    fwd = jax.jit(module.apply)                  # the classifier's own forward pass (the denominator)
+    grad = jax.jit(jax.grad(lambda p, x: jnp.sum(fast(p, x)), argnums=1))
+    cands = {"forward": (lambda: fwd(params, x0), 10), "forward_backward": (lambda: grad(params, x0), 10)}
+    for k in (10, 30):
+        cands[f"ead{k}"] = ((lambda k: lambda: ead(module.apply, x0, labels, params=params, iterations=k,
+                                                   search_steps=1))(k), 1)
+        cands[f"cw{k}"] = ((lambda k: lambda: cw_l2(module.apply, x0, labels, params=params, iterations=k,
+                                                    search_steps=1))(k), 1)
+    for f, _ in cands.values():
+        jax.block_until_ready(f())
+    best = {k: np.inf for k in cands}
+    for _ in range(repeats):
+        for key, (f, n) in cands.items():
+            t = time.perf_counter()
+            for _ in range(n):
+                out = f()
+            jax.block_until_ready(out)
+            best[key] = min(best[key], (time.perf_counter() - t) / n)
+    out = {"forward_ms": 1e3 * best["forward"], "forward_backward_ms": 1e3 * best["forward_backward"]}
+    for a in ("ead", "cw"):
+        it = (best[a + "30"] - best[a + "10"]) / 20
+        out[f"{a}_ms_per_iteration"] = 1e3 * it
+        out[f"{a}_limit_ratio"] = it / best["forward"]
+        out[f"{a}_overhead_ratio"] = it / best["forward_backward"]
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     load_start = os.getloadavg()
     ds = data.load_dataset(args.dataset, data_dir=args.data_dir)
@@ -126,6 +157,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_fb = _timed(lambda: fwdbwd(params, x0), reps)[0]
     t_fb_fast = _timed(lambda: fwdbwd_fast(params, x0), reps)[0]
     t_bare = min(t_fb, t_fb_fast)
+
+    if args.ratios_only:
+        return {"config": {k: v for k, v in vars(args).items() if k != "json"}, "weights": weights,
+                "device": device_description(), "jax": jax.__version__, "cpu_count": os.cpu_count(),
+                "loadavg_start": load_start, "git_commit": git_commit(),
+                "ratios": iteration_ratios(module, params, x0, labels, max(args.repeats, 5)),
+                "loadavg_end": os.getloadavg()}
 
     common_kw = dict(kappa=args.kappa, const=args.const, iterations=k_it, search_steps=s_st)
     ours = {
@@ -198,6 +236,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def to_markdown(report: dict[str, Any]) -> str:
     c = report["config"]
+    if "ratios" in report:
+        r = report["ratios"]
+        return (f"## Per-iteration ratios: {c['dataset']}, {c['images']} images (K=30 minus K=10, best of rounds)\n\n"
+                f"Device {report['device']}, load average {report['loadavg_start'][0]:.2f} -> "
+                f"{report['loadavg_end'][0]:.2f}.\n\n"
+                f"| | ms | / forward | / forward+backward |\n|---|---:|---:|---:|\n"
+                f"| forward | {r['forward_ms']:.2f} | 1.00 | |\n"
+                f"| forward+backward (fast_vjp) | {r['forward_backward_ms']:.2f} | "
+                f"{r['forward_backward_ms'] / r['forward_ms']:.2f} | 1.00 |\n"
+                f"| EAD iteration | {r['ead_ms_per_iteration']:.2f} | {r['ead_limit_ratio']:.2f} | "
+                f"{r['ead_overhead_ratio']:.2f} |\n"
+                f"| C&W iteration | {r['cw_ms_per_iteration']:.2f} | {r['cw_limit_ratio']:.2f} | "
+                f"{r['cw_overhead_ratio']:.2f} |\n")
     cm = report["classifier_ms"]
     lines = [
         f"## Attack benchmark: {c['dataset']}, {c['images']} images, {c['iterations']} iterations x "
@@ -245,6 +296,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="timed calls of ours after the warm-up (best kept)")
     p.add_argument("--seed", type=int, default=0, help="seed of the image selection")
     p.add_argument("--no-foolbox", action="store_true")
+    p.add_argument("--ratios-only", action="store_true",
+                   help="only the per-iteration limit/overhead ratios of ours (differencing K=30 and K=10)")
     p.add_argument("--foolbox-models", type=lambda s: s.split(","), default=["foolbox-jit", "foolbox-eager"],
                    help="Foolbox runs: foolbox-jit (the model function jitted) and/or foolbox-eager (as is)")
     p.add_argument("--data-dir", default=None)
