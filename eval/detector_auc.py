@@ -48,7 +48,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,7 +57,7 @@ from magnet_mi_jax import checkpoint, data
 from magnet_mi_jax.detectors import (MAGNET_PRESETS, MagNet, ReconstructionDetector, magnet_forward, map_batches,
                                      roc_auc, tpr_at_fpr)
 from magnet_mi_jax.detectors import _checks
-from magnet_mi_jax.detectors.mi import READINGS, MIQuantities, _mi_quantities
+from magnet_mi_jax.detectors.mi import READINGS, MIQuantities, _mi_quantities, conditional_logits
 from magnet_mi_jax.utils import device_description, git_commit
 
 __all__ = ["DEFAULT_TEMPERATURES", "DEFAULT_FPR", "DEFAULT_N_NATURAL", "AnalysisError", "conditional_logits",
@@ -79,41 +78,6 @@ class AnalysisError(RuntimeError):
 # --------------------------------------------------------------------------------------------------
 # Scores: one jitted pass per batch.
 # --------------------------------------------------------------------------------------------------
-
-
-def conditional_logits(classifier: Callable, classifier_params: Any, encoder: Callable, encoder_params: Any,
-                       generator: Callable, generator_params: Any, x, num_classes: int) -> jnp.ndarray:
-    """L[b, j, :] = Z(G(E(x_b), e_j)) for every condition j, in one batched pass (the logits behind
-    :func:`magnet_mi_jax.detectors.mi.conditional_table`, which is softmax(L / T) along the last axis).
-
-    The codes z = E(x) (B, Dz) are tiled condition-major to (K * B, Dz) against the one-hot rows (K * B, K),
-    exactly as in ``conditional_table``; G and Z each run once on K * B rows.
-
-    Args:
-      classifier: ``Z(params, images) -> logits (N, K)``.
-      classifier_params: its parameters.
-      encoder: ``E(params, x) -> z (B, Dz)``.
-      encoder_params: its parameters.
-      generator: ``G(params, z (N, Dz), y_onehot (N, K)) -> images (N, H, W, C)``.
-      generator_params: its parameters.
-      x: (B, H, W, C) float images.
-      num_classes: K (static).
-
-    Returns:
-      (B, K, K) logits, ``[b, j, i]`` = Z(G(E(x_b), e_j))_i.
-    """
-    x = _checks.check_images(x)
-    b, k = x.shape[0], num_classes
-    z = encoder(encoder_params, x)
-    chex.assert_rank(z, 2)
-    chex.assert_axis_dimension(z, 0, b)
-    z_all = jnp.broadcast_to(z[None], (k, b, z.shape[1])).reshape(k * b, z.shape[1])        # (K*B, Dz)
-    y_all = jnp.repeat(jnp.eye(k, dtype=z.dtype), b, axis=0)                                # (K*B, K)
-    images = generator(generator_params, z_all, y_all)                                      # (K*B, H, W, C)
-    chex.assert_axis_dimension(images, 0, k * b)
-    logits = classifier(classifier_params, images)                                          # (K*B, K)
-    chex.assert_shape(logits, (k * b, k))
-    return jnp.transpose(logits.reshape(k, b, k), (1, 0, 2))                                # [b, j, i]
 
 
 class DetectorScores(NamedTuple):

@@ -18,7 +18,8 @@ from magnet_mi_jax.detectors.magnet import (CIFAR10_MAGNET, MAGNET_PRESETS, MNIS
                                             reconstruction_score, reform, softmax_t)
 from magnet_mi_jax.detectors.metrics import (DefenseAccuracy, DetectionRate, attack_accuracy, clean_accuracy,
                                              detection_rates, false_positive_rate, roc_auc, tpr_at_fpr)
-from magnet_mi_jax.detectors.mi import (MIOutputs, MIParams, MIQuantities, conditional_entropy, conditional_table,
+from magnet_mi_jax.detectors.mi import (MIOutputs, MIParams, MIQuantities, conditional_entropy, conditional_logits,
+                                        conditional_table,
                                         entropy, jaccard_distance, joint_entropy, make_mi_score_fn, mi_quantities,
                                         mi_score, mutual_information)
 from magnet_mi_jax.detectors.thresholds import flags, num_rejected, passes, threshold_at_fpr
@@ -27,7 +28,7 @@ __all__ = [
     "CIFAR10_MAGNET", "MAGNET_PRESETS", "MNIST_MAGNET", "Decision", "DefenseAccuracy", "DefenseOutputs",
     "DetectionRate", "JSDDetector", "MIDetector", "MIMagNet", "MIOutputs", "MIParams", "MIQuantities", "MagNet",
     "MagNetOutputs", "ReconstructionDetector", "attack_accuracy", "calibrate", "clean_accuracy",
-    "conditional_entropy", "conditional_table", "decide", "defense_forward", "detection_rates", "entropy",
+    "conditional_entropy", "conditional_logits", "conditional_table", "decide", "defense_forward", "detection_rates", "entropy",
     "false_positive_rate", "flags", "jaccard_distance", "jensen_shannon", "jensen_shannon_logits", "joint_entropy", "jsd_score",
     "magnet_forward", "make_defense_fn", "make_magnet_fn", "make_mi_score_fn", "make_mi_strengthened_magnet",
     "map_batches", "mi_magnet", "mi_quantities", "mi_score", "mi_strengthened_magnet", "mutual_information",

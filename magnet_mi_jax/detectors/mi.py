@@ -265,10 +265,9 @@ class MIOutputs(NamedTuple):
     table: jnp.ndarray
 
 
-def conditional_table(classifier: Apply, classifier_params: Any, encoder: Apply, encoder_params: Any,
-                      generator: Apply, generator_params: Any, x, num_classes: int,
-                      temperature: float = 1.0) -> jnp.ndarray:
-    """P[b, j, i] = softmax(Z(G(E(x_b), e_j)) / T)_i for every condition j, in one batched pass.
+def conditional_logits(classifier: Apply, classifier_params: Any, encoder: Apply, encoder_params: Any,
+                       generator: Apply, generator_params: Any, x, num_classes: int) -> jnp.ndarray:
+    """L[b, j, :] = Z(G(E(x_b), e_j)) for every condition j, in one batched pass.
 
     The latent codes z = E(x) (B, Dz) are tiled to (K * B, Dz) (condition-major: row j * B + b holds
     (z_b, e_j)), so the generator and the classifier each run once on K * B rows.
@@ -282,10 +281,9 @@ def conditional_table(classifier: Apply, classifier_params: Any, encoder: Apply,
       generator_params: its parameters.
       x: (B, H, W, C) float images.
       num_classes: K (static).
-      temperature: T > 0.
 
     Returns:
-      (B, K, K) conditional table, rows on the last axis summing to one.
+      (B, K, K) logits, ``[b, j, i]`` = Z(G(E(x_b), e_j))_i.
     """
     x = _checks.check_images(x)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -301,8 +299,22 @@ def conditional_table(classifier: Apply, classifier_params: Any, encoder: Apply,
     chex.assert_axis_dimension(images, 0, k * b)
     logits = classifier(classifier_params, images)                                          # (K*B, K)
     chex.assert_shape(logits, (k * b, k))
-    probs = softmax_t(logits, temperature).reshape(k, b, k)                                 # [j, b, i]
-    return jnp.transpose(probs, (1, 0, 2))                                                  # [b, j, i]
+    return jnp.transpose(logits.reshape(k, b, k), (1, 0, 2))                                # [b, j, i]
+
+
+def conditional_table(classifier: Apply, classifier_params: Any, encoder: Apply, encoder_params: Any,
+                      generator: Apply, generator_params: Any, x, num_classes: int,
+                      temperature: float = 1.0) -> jnp.ndarray:
+    """P[b, j, i] = softmax(Z(G(E(x_b), e_j)) / T)_i for every condition j, in one batched pass.
+
+    The softmax at temperature T of :func:`conditional_logits` (same arguments, same one pass).
+
+    Returns:
+      (B, K, K) conditional table, rows on the last axis summing to one.
+    """
+    logits = conditional_logits(classifier, classifier_params, encoder, encoder_params, generator,
+                                generator_params, x, num_classes)
+    return softmax_t(logits, temperature)
 
 
 def mi_score(params: MIParams, x, *, classifier: Apply, reformer: Apply, encoder: Apply, generator: Apply,
