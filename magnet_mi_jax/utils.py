@@ -6,27 +6,39 @@ import subprocess
 from pathlib import Path
 from typing import Callable
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 
 
-def batched_apply(fn: Callable[[jnp.ndarray], jnp.ndarray], x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-    """Applies a (jitted) batch function over ``x`` in chunks of one shape.
+def map_batches(fn: Callable, x, batch_size: int = 500):
+    """Applies a batch function to ``x`` in chunks of one shape and concatenates the outputs (any pytree).
 
-    The last chunk is zero-padded to ``batch_size`` so that ``fn`` compiles once; the padding's outputs are
-    dropped. Returns the outputs concatenated along axis 0 as NumPy.
+    The last chunk is padded by repeating its last image, so a jitted ``fn`` compiles once; the padding's
+    outputs are dropped. Every leaf of ``fn``'s output must have the batch on axis 0.
+
+    Args:
+      fn: ``fn(x_chunk (b, ...)) -> pytree of arrays (b, ...)``.
+      x: (N, ...) inputs (NumPy or JAX).
+      batch_size: chunk size b >= 1.
+
+    Returns:
+      The pytree with NumPy leaves of leading size N.
     """
-    if len(x) == 0:
-        raise ValueError("batched_apply needs at least one input")
-    batch_size = min(batch_size, len(x))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    n = len(x)
+    if n == 0:
+        raise ValueError("map_batches needs at least one input")
+    b = min(batch_size, n)
     outs = []
-    for start in range(0, len(x), batch_size):
-        chunk = np.asarray(x[start:start + batch_size])
-        pad = batch_size - len(chunk)
+    for start in range(0, n, b):
+        chunk = np.asarray(x[start:start + b])
+        pad = b - len(chunk)
         if pad:
-            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-        outs.append(np.asarray(fn(chunk))[:batch_size - pad])
-    return np.concatenate(outs)
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+        out = jax.device_get(fn(chunk))
+        outs.append(jax.tree.map(lambda a, k=b - pad: np.asarray(a)[:k], out))
+    return jax.tree.map(lambda *leaves: np.concatenate(leaves), *outs)
 
 
 def git_commit(default: str = "unknown") -> str:

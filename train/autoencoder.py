@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from magnet_mi_jax import checkpoint
-from magnet_mi_jax.utils import batched_apply
+from magnet_mi_jax.utils import map_batches
 from train import common, trainer
 
 WHICH = {"mnist": ("ae_i", "ae_ii"), "cifar10": ("ae",)}
@@ -62,7 +62,7 @@ def make_loss_fn(module, config: AutoEncoderConfig):
 def reconstruction_errors(module, params, x: np.ndarray) -> dict[str, float]:
     """Mean squared and mean absolute per-pixel reconstruction error of clean images ``x``."""
     apply = jax.jit(lambda chunk: module.apply(params, chunk))
-    recon = batched_apply(apply, x)
+    recon = map_batches(apply, x, 1000)
     diff = recon - x
     return {"mse": float(np.mean(diff ** 2)), "mae": float(np.mean(np.abs(diff)))}
 

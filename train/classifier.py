@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from magnet_mi_jax import checkpoint
-from magnet_mi_jax.utils import batched_apply
+from magnet_mi_jax.utils import map_batches
 from train import common, trainer
 
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     predict = jax.jit(functools.partial(module.apply))
 
     def logits_of(params, x):
-        return batched_apply(lambda chunk: predict(params, chunk), x)
+        return map_batches(lambda chunk: predict(params, chunk), x, 1000)
 
     def evaluate(params):
         return {"accuracy": common.accuracy(logits_of(params, ds.val_x), ds.val_y)}

@@ -39,7 +39,7 @@ import numpy as np
 
 from magnet_mi_jax import checkpoint
 from magnet_mi_jax.models import alpha_gan
-from magnet_mi_jax.utils import batched_apply
+from magnet_mi_jax.utils import map_batches
 from train import common, trainer
 
 
@@ -123,12 +123,12 @@ def measure(module, params, images: np.ndarray, labels: np.ndarray, classify=Non
     (over all K conditions), ``conditional_accuracy_per_class`` (K values) and ``reconstruction_accuracy``.
     """
     k = module.num_classes
-    generations = batched_apply(lambda x: _all_conditions(module, params, x), images, batch_size)  # (N,K,H,W,C)
+    generations = map_batches(lambda x: _all_conditions(module, params, x), images, batch_size)  # (N,K,H,W,C)
     rec = generations[np.arange(len(images)), labels]
     out = {"reconstruction_l1": float(np.mean(np.abs(images - rec)))}
     if classify is not None:
         flat = generations.reshape(-1, *generations.shape[2:])
-        logits = batched_apply(classify, flat, 1000).reshape(len(images), k, -1)
+        logits = map_batches(classify, flat, 1000).reshape(len(images), k, -1)
         hits = np.argmax(logits, -1) == np.arange(k)[None, :]                                # (N, K)
         out["conditional_accuracy"] = float(alpha_gan.conditional_accuracy(jnp.asarray(logits)))
         out["conditional_accuracy_per_class"] = [float(v) for v in hits.mean(0)]

@@ -36,10 +36,10 @@ from typing import Any, Callable, Mapping, NamedTuple, Union
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from magnet_mi_jax.detectors import _checks
 from magnet_mi_jax.detectors.thresholds import check_rate
+from magnet_mi_jax.utils import map_batches  # re-exported: the detectors' batch runner
 
 __all__ = [
     "softmax_t", "reconstruction_error", "jensen_shannon", "jensen_shannon_logits", "reform", "reconstruction_score", "jsd_score",
@@ -466,34 +466,3 @@ def make_magnet_fn(spec: MagNet, applies: Mapping[str, Apply]) -> Callable[[Mapp
     """``jax.jit`` of :func:`magnet_forward` with the defense and the apply functions fixed: ``f(params, x)``."""
     check_networks(spec.network_keys, applies, dict.fromkeys(spec.network_keys))
     return jax.jit(functools.partial(magnet_forward, spec, dict(applies)))
-
-
-def map_batches(fn: Callable, x, batch_size: int = 500):
-    """Applies a batch function to ``x`` in chunks of one shape and concatenates the outputs (any pytree).
-
-    The last chunk is padded by repeating its last image, so a jitted ``fn`` compiles once; the padding's
-    outputs are dropped. Every leaf of ``fn``'s output must have the batch on axis 0.
-
-    Args:
-      fn: ``fn(x_chunk (b, ...)) -> pytree of arrays (b, ...)``.
-      x: (N, ...) inputs (NumPy or JAX).
-      batch_size: chunk size b >= 1.
-
-    Returns:
-      The pytree with NumPy leaves of leading size N.
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    n = len(x)
-    if n == 0:
-        raise ValueError("map_batches needs at least one input")
-    b = min(batch_size, n)
-    outs = []
-    for start in range(0, n, b):
-        chunk = np.asarray(x[start:start + b])
-        pad = b - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-        out = jax.device_get(fn(chunk))
-        outs.append(jax.tree.map(lambda a, k=b - pad: np.asarray(a)[:k], out))
-    return jax.tree.map(lambda *leaves: np.concatenate(leaves), *outs)
