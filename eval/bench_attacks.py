@@ -42,6 +42,7 @@ import numpy as np
 from magnet_mi_jax import checkpoint, data
 from magnet_mi_jax.attacks import common, cw_l2, ead, fast_vjp
 from magnet_mi_jax.utils import device_description, git_commit
+from train.classifier import small_classifier
 
 
 def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -53,31 +54,6 @@ def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
         out = jax.block_until_ready(fn())
         best = min(best, time.perf_counter() - t)
     return best, out
-
-
-def _tiny_classifier(ds: data.Dataset):
-    """The test fixture's classifier: 2 epochs of SGD on 12,800 training images (seed 0)."""
-    import optax
-    from magnet_mi_jax.models import MnistClassifier
-    module = MnistClassifier()
-    params = module.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
-    tx = optax.sgd(0.05, momentum=0.9, nesterov=True)
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, opt_state, x, y, key):
-        def loss_fn(p):
-            logits = module.apply(p, x, train=True, rngs={"dropout": key})
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        updates, opt_state = tx.update(jax.grad(loss_fn)(params), opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    x, y = ds.train_x[:12800], ds.train_y[:12800]
-    steps = len(x) // 128
-    for i in range(2 * steps):
-        sl = slice((i % steps) * 128, (i % steps + 1) * 128)
-        params, opt_state = step(params, opt_state, x[sl], y[sl], jax.random.key(i))
-    return module, params
 
 
 def _judge(apply_jit, params, x0, labels, adv, kappa: float) -> dict[str, np.ndarray]:
@@ -136,7 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.dataset != "mnist":
             raise
         print(f"# {err}\n# training the small test classifier instead", file=sys.stderr)
-        module, params = _tiny_classifier(ds)
+        module, params = small_classifier(ds.train_x, ds.train_y)
         weights = "tiny classifier (2 epochs on 12,800 images, seed 0)"
     apply_jit = jax.jit(module.apply)
     preds = np.concatenate([np.argmax(np.asarray(apply_jit(params, ds.test_x[i:i + 1000])), -1)

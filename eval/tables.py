@@ -73,13 +73,22 @@ class TablesConfig:
     learning_rate: float = 1e-2
     seed: int = 0
     attack_batch: int = 1000
+    kappas_per_call: int = 1
+    cw_iterations: int | None = None
     mi_reading: str = "literal"
     mi_temperature: float = 1.0
     quick: bool = False
 
+    def iterations_for(self, attack: str) -> int:
+        """Iterations per search step of ``attack`` (``cw_iterations`` overrides ``iterations`` for C&W)."""
+        return self.cw_iterations if attack == "cw_l2" and self.cw_iterations is not None else self.iterations
+
     def attack_settings(self, attack: str, kappa: float) -> dict[str, Any]:
-        """The settings one cell's adversarial examples depend on (hashed into its cache key)."""
-        settings = {"attack": attack, "kappa": float(kappa), "iterations": self.iterations,
+        """The settings one cell's adversarial examples depend on (hashed into its cache key).
+
+        ``attack_batch`` and ``kappas_per_call`` are not among them: they only change how the work is split
+        into calls (every quantity of the attacks is per example)."""
+        settings = {"attack": attack, "kappa": float(kappa), "iterations": self.iterations_for(attack),
                     "search_steps": self.search_steps, "initial_const": self.initial_const,
                     "learning_rate": self.learning_rate}
         if attack.startswith("ead"):
@@ -210,23 +219,71 @@ def load_cell(path: Path, n: int, image_shape: tuple[int, ...]) -> dict[str, np.
     return cell
 
 
-def run_attack(attack: str, logits_fn: Callable, params: Any, x: np.ndarray, y: np.ndarray, kappa: float,
-               config: TablesConfig) -> dict[str, np.ndarray]:
-    """One cell: untargeted ``attack`` at confidence ``kappa`` on images ``x`` in batches of ``attack_batch``."""
+EAD_RULES = {"ead_l1": "l1", "ead_en": "en"}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackJob:
+    """One attack call. ``attacks`` share its iterates (EAD-L1 and EAD-EN are the two decision rules of one EAD
+    run, :func:`magnet_mi_jax.attacks.ead` with ``rule=("en", "l1")``); ``kappas`` are folded into its batch."""
+
+    attacks: tuple[str, ...]
+    kappas: tuple[float, ...]
+
+
+def plan_jobs(config: TablesConfig, missing: list[tuple[str, float]]) -> list[AttackJob]:
+    """Groups the missing (attack, kappa) cells into calls: C&W alone, both EAD rules of a kappa in one run,
+    ``config.kappas_per_call`` kappas per call (0: all of them)."""
+    per_family: dict[str, dict[float, set[str]]] = {}
+    for attack, kappa in missing:
+        family = "ead" if attack in EAD_RULES else attack
+        per_family.setdefault(family, {}).setdefault(kappa, set()).add(attack)
+    jobs = []
+    for per_kappa in per_family.values():
+        kappas = list(per_kappa)
+        step = config.kappas_per_call or len(kappas)
+        for i in range(0, len(kappas), step):
+            chunk = kappas[i:i + step]
+            wanted = set().union(*(per_kappa[k] for k in chunk))
+            jobs.append(AttackJob(tuple(a for a in config.attacks if a in wanted), tuple(chunk)))
+    return jobs
+
+
+def run_job(job: AttackJob, logits_fn: Callable, params: Any, x: np.ndarray, y: np.ndarray,
+            config: TablesConfig) -> dict[tuple[str, float], dict[str, np.ndarray]]:
+    """Crafts every (attack, kappa) cell of ``job``: untargeted, on images ``x`` in batches of ``attack_batch``.
+
+    The kappas run as one grid (G, 1) folded into the batch. A short last batch is padded (repeating its first
+    image) to the compiled shape, so every batch reuses one compilation; the padding is dropped.
+    """
+    kappa = jnp.asarray(job.kappas, jnp.float32)[:, None]                 # (G, 1)
     common = dict(params=params, kappa=kappa, const=config.initial_const, learning_rate=config.learning_rate,
-                  iterations=config.iterations, search_steps=config.search_steps)
-    if attack == "cw_l2":
-        fn = lambda xb, yb: attacks.cw_l2(logits_fn, xb, yb, **common)  # noqa: E731
-    elif attack in ("ead_l1", "ead_en"):
-        rule = attack.split("_")[1]
-        fn = lambda xb, yb: attacks.ead(logits_fn, xb, yb, beta=config.beta, rule=rule, **common)  # noqa: E731
+                  search_steps=config.search_steps)
+    if job.attacks == ("cw_l2",):
+        def craft(xb, yb):
+            return {"cw_l2": attacks.cw_l2(logits_fn, xb, yb, iterations=config.iterations_for("cw_l2"), **common)}
+    elif job.attacks and set(job.attacks) <= set(EAD_RULES):
+        rules = tuple(EAD_RULES[a] for a in job.attacks)
+
+        def craft(xb, yb):
+            out = attacks.ead(logits_fn, xb, yb, beta=config.beta, rule=rules,
+                              iterations=config.iterations_for("ead"), **common)
+            return {f"ead_{rule}": res for rule, res in out.items()}
     else:
-        raise ValueError(f"unknown attack {attack!r}; choose from {ATTACKS}")
+        raise ValueError(f"a job runs cw_l2 alone or EAD rules {tuple(EAD_RULES)}; got {job.attacks}")
+    n = len(x)
+    batch = min(config.attack_batch, n)
     parts = []
-    for start in range(0, len(x), config.attack_batch):
-        res = fn(jnp.asarray(x[start:start + config.attack_batch]), jnp.asarray(y[start:start + config.attack_batch]))
-        parts.append({k: np.asarray(getattr(res, k)) for k in ATTACK_FIELDS})
-    return {k: np.concatenate([p[k] for p in parts]) for k in ATTACK_FIELDS}
+    for start in range(0, n, batch):
+        xb, yb = x[start:start + batch], y[start:start + batch]
+        m = len(xb)
+        if m < batch:
+            fill = np.zeros(batch - m, np.int64)
+            xb, yb = np.concatenate([xb, xb[fill]]), np.concatenate([yb, yb[fill]])
+        out = craft(jnp.asarray(xb), jnp.asarray(yb, jnp.int32))
+        parts.append({a: {k: np.asarray(getattr(res, k))[:, :m] for k in ATTACK_FIELDS} for a, res in out.items()})
+    return {(a, kappa): {k: np.concatenate([p[a][k][g] for p in parts]) for k in ATTACK_FIELDS}
+            for a in job.attacks for g, kappa in enumerate(job.kappas)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,6 +337,12 @@ def _fmt_cell(ours: float, paper: float | None) -> str:
     return f"{ours:.1f} ({paper:.1f}, {ours - paper:+.1f})"
 
 
+def _iterations_text(cfg: Mapping[str, Any]) -> str:
+    if cfg.get("cw_iterations") is None or cfg["cw_iterations"] == cfg["iterations"]:
+        return f"{cfg['iterations']} iterations"
+    return f"{cfg['iterations']} iterations (C&W {cfg['cw_iterations']})"
+
+
 def render_markdown(result: Mapping[str, Any]) -> str:
     """The paper's table layout, every cell "ours (paper, difference)" in % accuracy."""
     cfg = result["config"]
@@ -288,7 +351,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     if cfg["quick"]:
         lines += ["> **QUICK PRESET**: a reduced protocol for a CPU smoke run "
                   f"({cfg['n_images']} images, kappa {', '.join(f'{k:g}' for k in cfg['kappas'])}, "
-                  f"{cfg['iterations']} iterations x {cfg['search_steps']} search steps). "
+                  f"{_iterations_text(cfg)} x {cfg['search_steps']} search steps). "
                   "Not comparable cell for cell with the paper's 1,000 images x 1,000 iterations x 9 steps.", ""]
     lines += [f"# {title}: accuracy (%) on adversarial examples, MagNet vs MI-strengthened MagNet", "",
               "Each cell: ours (paper, ours - paper). Untargeted, oblivious setting; "
@@ -415,24 +478,34 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
                "data": hashlib.sha256(json.dumps(ds.md5, sort_keys=True).encode()).hexdigest()[:16]
                if ds.md5 else ds.source}
 
+    # Craft the missing cells (cached ones are checked here, before any long computation).
+    keys = [(a, k) for a in config.attacks for k in config.kappas]
+    paths = {key: cache_path(out / "cache", config, *key, context) for key in keys}
+    crafted = {key: load_cell(paths[key], len(indices), ds.image_shape) for key in keys}
+    missing = [key for key in keys if crafted[key] is None]
+    made_by: dict[tuple[str, float], dict[str, Any]] = {}
+    jobs = plan_jobs(config, missing)
+    if jobs:
+        print(f"{len(keys) - len(missing)} of {len(keys)} cells cached; crafting {len(missing)} in {len(jobs)} calls")
+    for job in tqdm(jobs, desc="attack calls", dynamic_ncols=True):
+        t0 = time.time()
+        new = run_job(job, applies["classifier"], params["classifier"], x_att, y_att, config)
+        call = {"attacks": list(job.attacks), "kappas": list(job.kappas), "seconds": round(time.time() - t0, 1)}
+        for key in new:
+            if crafted[key] is None:
+                save_cell(paths[key], new[key])
+                crafted[key], made_by[key] = new[key], call
+
+    # Evaluate both defenses on every cell.
     paper = paper_tables(config.dataset)
     cells: dict[str, Any] = {}
-    grid = [(a, k) for a in config.attacks for k in config.kappas]
-    bar = tqdm(grid, desc="attack cells", dynamic_ncols=True)
+    bar = tqdm(keys, desc="defenses on cells", dynamic_ncols=True)
     for attack, kappa in bar:
-        bar.set_description(f"{ATTACK_TITLES[attack]} kappa={kappa:g}")
-        path = cache_path(out / "cache", config, attack, kappa, context)
-        cell = load_cell(path, len(indices), ds.image_shape)
-        cached = cell is not None
-        if cell is None:
-            t0 = time.time()
-            cell = run_attack(attack, applies["classifier"], params["classifier"], x_att, y_att, kappa, config)
-            save_cell(path, cell)
-            attack_seconds = time.time() - t0
+        cell = crafted[(attack, kappa)]
         outputs = map_batches(run_defense, cell["adv"], eval_batch)
         row = evaluate_cell(outputs, thresholds, magnet.detector_names, spec.mi.name, y_att, cell, natural_scores)
-        row.update(attack=attack, kappa=kappa, cache=path.name, cached=cached,
-                   attack_seconds=None if cached else round(attack_seconds, 1),
+        row.update(attack=attack, kappa=kappa, cache=paths[(attack, kappa)].name,
+                   cached=(attack, kappa) not in made_by, attack_call=made_by.get((attack, kappa)),
                    paper={d: paper.get((d, attack, kappa)) for d in DEFENSES})
         cells[f"{attack}/{kappa:g}"] = row
         bar.set_postfix(magnet=row["magnet"]["accuracy"], mi=row["mi_magnet"]["accuracy"],
@@ -457,7 +530,8 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
 def build_config(args: argparse.Namespace) -> TablesConfig:
     config = (QUICK if args.quick else FULL)[args.dataset]
     changes: dict[str, Any] = {}
-    for name in ("n_images", "iterations", "search_steps", "seed", "attack_batch", "mi_reading", "mi_temperature"):
+    for name in ("n_images", "iterations", "cw_iterations", "search_steps", "seed", "attack_batch", "kappas_per_call",
+                 "mi_reading", "mi_temperature"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
@@ -484,9 +558,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--kappas", default=None, help="comma-separated kappa grid, e.g. 0,10,20")
     parser.add_argument("--attacks", default=None, help=f"comma-separated subset of {','.join(ATTACKS)}")
     parser.add_argument("--iterations", type=int, default=None)
+    parser.add_argument("--cw-iterations", dest="cw_iterations", type=int, default=None,
+                        help="C&W's iterations per search step, if not --iterations")
     parser.add_argument("--search-steps", dest="search_steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--attack-batch", dest="attack_batch", type=int, default=None)
+    parser.add_argument("--attack-batch", dest="attack_batch", type=int, default=None,
+                        help="images per attack call (default 1,000)")
+    parser.add_argument("--kappas-per-call", dest="kappas_per_call", type=int, default=None,
+                        help="kappas folded into one attack call (0: the whole grid; default 1). More uses a GPU "
+                             "better; an interrupted run loses at most one call")
     parser.add_argument("--mi-reading", dest="mi_reading", choices=("literal", "consistent"), default=None)
     parser.add_argument("--mi-temperature", dest="mi_temperature", type=float, default=None)
     args = parser.parse_args(argv)

@@ -10,13 +10,11 @@ import os
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from magnet_mi_jax import data
-from magnet_mi_jax.models import MnistClassifier
+from train.classifier import small_classifier
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,25 +44,7 @@ def tiny_mnist_classifier(mnist):
     About 97-98% test accuracy in ~50 s of CPU; deterministic (seed 0). For tests of attacks and detectors
     that need a real trained network without the shipped weights.
     """
-    module = MnistClassifier()
-    params = module.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
-    tx = optax.sgd(0.05, momentum=0.9, nesterov=True)
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, opt_state, x, y, key):
-        def loss_fn(p):
-            logits = module.apply(p, x, train=True, rngs={"dropout": key})
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        grads = jax.grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    x, y = mnist.train_x[:12800], mnist.train_y[:12800]
-    steps = len(x) // 128
-    for i in range(2 * steps):  # two epochs
-        sl = slice((i % steps) * 128, (i % steps + 1) * 128)
-        params, opt_state = step(params, opt_state, x[sl], y[sl], jax.random.key(i))
+    module, params = small_classifier(mnist.train_x, mnist.train_y, n=12800, epochs=2, seed=0)
     logits = jax.jit(module.apply)(params, mnist.test_x[:2000])
     acc = float(np.mean(np.argmax(logits, -1) == mnist.test_y[:2000]))
     return module, params, acc

@@ -20,6 +20,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -95,6 +96,37 @@ def update_const(const, lower, upper, succeeded):
     mid = (lower + upper) / 2
     const = jnp.where(succeeded | (upper < UPPER_UNSET), mid, const * 10)
     return const, lower, upper
+
+
+def abort_early_check(k, loss, active, prev, check_every: int):
+    """Per-example abort-early: every ``check_every`` iterations an active example whose loss has not fallen
+    by 0.01% since the last check stops (C&W's rule, judged per example).
+
+    Args:
+      k: the iteration index (scalar int).
+      loss: (B,) this iteration's per-example loss; prev: (B,) the loss at the last check; active: (B,) bool.
+
+    Returns:
+      ``(active, prev)`` for the next iteration.
+    """
+    check = (k % check_every) == 0
+    stop = active & check & (loss > prev * 0.9999)
+    return active & ~stop, jnp.where(check & active, loss, prev)
+
+
+def iterate(iteration: Callable, init: tuple, iterations: int, abort_early: bool, active_slot: int) -> tuple:
+    """Runs ``state = iteration(k, state)`` for k = 0 .. iterations-1 as one ``lax`` loop.
+
+    With ``abort_early`` the loop is a ``while_loop`` that also ends once no example is active any more
+    (``state[active_slot]``, a (B,) bool mask); otherwise a ``fori_loop``. Returns the final state.
+    """
+    if not abort_early:
+        return lax.fori_loop(0, iterations, iteration, init)
+
+    def cond(carry):
+        k, state = carry
+        return (k < iterations) & jnp.any(state[active_slot])
+    return lax.while_loop(cond, lambda carry: (carry[0] + 1, iteration(*carry)), (jnp.int32(0), init))[1]
 
 
 def distortions(adv: jax.Array, x0: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:

@@ -78,21 +78,13 @@ def _cw_core(params, x0, labels, kappa, const, learning_rate, *, logits_fn, has_
             if abort_early:
                 act = common.per_example(active, w)
                 w_new, m_new, v_new = (jnp.where(act, a, b) for a, b in ((w_new, w), (m_new, m), (v_new, v)))
-                check = (k % check_every) == 0
-                stop = active & check & (loss > prev * 0.9999)
-                prev = jnp.where(check & active, loss, prev)
-                active = active & ~stop
+                active, prev = common.abort_early_check(k, loss, active, prev, check_every)
             return w_new, m_new, v_new, step_ok, best_l2, best_adv, best_const, active, prev
 
         zeros = jnp.zeros_like(x0)
         init = (zeros, zeros, zeros, jnp.zeros(labels.shape, bool), best_l2, best_adv, best_const,
                 jnp.ones(labels.shape, bool), big)
-        if abort_early:
-            def cond(state):
-                return (state[0] < iterations) & jnp.any(state[1][7])
-            _, inner = lax.while_loop(cond, lambda s: (s[0] + 1, iteration(s[0], s[1])), (jnp.int32(0), init))
-        else:
-            inner = lax.fori_loop(0, iterations, iteration, init)
+        inner = common.iterate(iteration, init, iterations, abort_early, active_slot=7)
         step_ok, best_l2, best_adv, best_const = inner[3:7]
         found = found | step_ok
         new_c, lower, upper = common.update_const(c, lower, upper, step_ok)

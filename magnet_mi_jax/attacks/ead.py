@@ -113,21 +113,11 @@ def _ead_core(params, x0, labels, kappa, const, beta, learning_rate, *, logits_f
             bests = tuple(keep_best(*best, x_new, rule_score(l2sq, l1, beta, rule), ok, c)
                           for best, rule in zip(bests, rules))
             if abort_early:
-                loss = c * f + l2sq + beta * l1
-                check = (k % check_every) == 0
-                stop = active & check & (loss > prev * 0.9999)
-                prev = jnp.where(check & active, loss, prev)
-                active = active & ~stop
+                active, prev = common.abort_early_check(k, c * f + l2sq + beta * l1, active, prev, check_every)
             return x_new, y_new, step_ok, bests, active, prev
 
         init = (x0, x0, jnp.zeros(labels.shape, bool), bests, jnp.ones(labels.shape, bool), big)
-        if abort_early:
-            def cond(state):
-                return (state[0] < iterations) & jnp.any(state[1][4])
-            _, inner = lax.while_loop(cond, lambda s: (s[0] + 1, iteration(s[0], s[1])), (jnp.int32(0), init))
-        else:
-            inner = lax.fori_loop(0, iterations, iteration, init)
-        step_ok, bests = inner[2], inner[3]
+        _, _, step_ok, bests, _, _ = common.iterate(iteration, init, iterations, abort_early, active_slot=4)
         found = found | step_ok
         new_c, lower, upper = common.update_const(c, lower, upper, step_ok)
         return new_c, lower, upper, bests, found, c      # the last slot: the c of the step just run

@@ -281,6 +281,14 @@ def _check_size(n):
         raise ValueError(f"calibration_size must be a positive int, got {n!r}")
 
 
+def _check_detector(det) -> None:
+    """The fields every detector has: name, auto-encoder key, false-positive rate, calibration size."""
+    _check_name(det.name, "detector name")
+    _check_name(det.autoencoder, "auto-encoder key")
+    check_rate(det.fpr)
+    _check_size(det.calibration_size)
+
+
 @dataclasses.dataclass(frozen=True)
 class ReconstructionDetector:
     """Reconstruction-error detector: score mean |x - AE(x)|^p, flagged iff score >= its threshold.
@@ -300,11 +308,8 @@ class ReconstructionDetector:
     calibration_size: int = 5000
 
     def __post_init__(self):
-        _check_name(self.name, "detector name")
-        _check_name(self.autoencoder, "auto-encoder key")
+        _check_detector(self)
         _checks.check_temperature(self.p, "p")
-        check_rate(self.fpr)
-        _check_size(self.calibration_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,11 +331,8 @@ class JSDDetector:
     calibration_size: int = 5000
 
     def __post_init__(self):
-        _check_name(self.name, "detector name")
-        _check_name(self.autoencoder, "auto-encoder key")
+        _check_detector(self)
         _checks.check_temperature(self.temperature)
-        check_rate(self.fpr)
-        _check_size(self.calibration_size)
 
 
 Detector = Union[ReconstructionDetector, JSDDetector]
