@@ -102,6 +102,21 @@ def iteration_ratios(module, params, x0, labels, repeats: int = 5) -> dict[str, 
     return out
 
 
+def precision_probe(module, params, x0, repeats: int = 5) -> dict[str, float]:
+    """The classifier's forward and forward+backward (``fast_vjp``) in float32 and in bfloat16 (params and
+    images cast), ms per call, best of ``repeats`` rounds of 10: does lower precision buy FLOPs here?"""
+    fast = fast_vjp(module.apply)
+    out = {}
+    for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):
+        p = jax.tree.map(lambda a: a.astype(dtype), params)
+        x = x0.astype(dtype)
+        fwd = jax.jit(module.apply)
+        grad = jax.jit(jax.grad(lambda p, x: jnp.sum(fast(p, x).astype(jnp.float32)), argnums=1))
+        out[f"{name}_forward_ms"] = 1e3 * _timed(lambda: fwd(p, x), 10 * repeats)[0]
+        out[f"{name}_forward_backward_ms"] = 1e3 * _timed(lambda: grad(p, x), 10 * repeats)[0]
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     load_start = os.getloadavg()
     ds = data.load_dataset(args.dataset, data_dir=args.data_dir)
@@ -135,10 +150,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_bare = min(t_fb, t_fb_fast)
 
     if args.ratios_only:
+        ratios = iteration_ratios(module, params, x0, labels, max(args.repeats, 5))
+        if args.precision_probe:
+            ratios["precision"] = precision_probe(module, params, x0, max(args.repeats, 5))
         return {"config": {k: v for k, v in vars(args).items() if k != "json"}, "weights": weights,
                 "device": device_description(), "jax": jax.__version__, "cpu_count": os.cpu_count(),
-                "loadavg_start": load_start, "git_commit": git_commit(),
-                "ratios": iteration_ratios(module, params, x0, labels, max(args.repeats, 5)),
+                "loadavg_start": load_start, "git_commit": git_commit(), "ratios": ratios,
                 "loadavg_end": os.getloadavg()}
 
     common_kw = dict(kappa=args.kappa, const=args.const, iterations=k_it, search_steps=s_st)
@@ -210,6 +227,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _precision_markdown(p: dict[str, float] | None) -> str:
+    if not p:
+        return ""
+    return ("\n| precision | forward ms | forward+backward ms |\n|---|---:|---:|\n" + "".join(
+        f"| {d} | {p[f'{d}_forward_ms']:.2f} | {p[f'{d}_forward_backward_ms']:.2f} |\n"
+        for d in ("float32", "bfloat16")))
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     c = report["config"]
     if "ratios" in report:
@@ -224,7 +249,7 @@ def to_markdown(report: dict[str, Any]) -> str:
                 f"| EAD iteration | {r['ead_ms_per_iteration']:.2f} | {r['ead_limit_ratio']:.2f} | "
                 f"{r['ead_overhead_ratio']:.2f} |\n"
                 f"| C&W iteration | {r['cw_ms_per_iteration']:.2f} | {r['cw_limit_ratio']:.2f} | "
-                f"{r['cw_overhead_ratio']:.2f} |\n")
+                f"{r['cw_overhead_ratio']:.2f} |\n" + _precision_markdown(r.get("precision")))
     cm = report["classifier_ms"]
     lines = [
         f"## Attack benchmark: {c['dataset']}, {c['images']} images, {c['iterations']} iterations x "
@@ -274,6 +299,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-foolbox", action="store_true")
     p.add_argument("--ratios-only", action="store_true",
                    help="only the per-iteration limit/overhead ratios of ours (differencing K=30 and K=10)")
+    p.add_argument("--precision-probe", action="store_true",
+                   help="with --ratios-only: also time the classifier in float32 vs bfloat16")
     p.add_argument("--foolbox-models", type=lambda s: s.split(","), default=["foolbox-jit", "foolbox-eager"],
                    help="Foolbox runs: foolbox-jit (the model function jitted) and/or foolbox-eager (as is)")
     p.add_argument("--data-dir", default=None)
