@@ -161,3 +161,45 @@ def test_fast_vjp_rewrites_native_flax_layers():
     assert "select_and_scatter" not in fast_hlo
     np.testing.assert_allclose(np.asarray(grad_of(fast_vjp(model.apply))(x)),
                                np.asarray(grad_of(model.apply)(x)), rtol=1e-5, atol=1e-6)
+
+
+def test_fast_vjp_rewrites_inside_scan_cond_and_while():
+    """Convolutions and pools inside lax.scan / lax.cond bodies get the fast VJP too (same values and input
+    gradients, no select_and_scatter left); inside a while_loop (forward only) the value is unchanged."""
+    w = jax.random.normal(jax.random.key(0), (3, 3, 2, 2)) * 0.5
+    conv = lambda c, w: jax.lax.conv_general_dilated(c, w, (1, 1), "SAME",  # noqa: E731
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    pool = lambda c: nn.max_pool(c, (2, 2), (2, 2))  # noqa: E731
+
+    def f(w, x):
+        def body(c, _):
+            return jnp.tanh(conv(c, w)), jnp.sum(pool(c))
+        c, pooled = jax.lax.scan(body, x, None, length=2)
+        c = jax.lax.cond(jnp.sum(c) > 0, lambda c: conv(c, w) * 2.0, lambda c: c - conv(c, w), c)
+        return jnp.sum(pool(c) ** 2, axis=(1, 2, 3)) + pooled.sum()
+
+    def g(w, x):
+        return jax.lax.while_loop(lambda s: s[0] < 3, lambda s: (s[0] + 1, jnp.tanh(conv(s[1], w))), (0, x))[1]
+
+    x = jax.random.uniform(jax.random.key(1), (3, 8, 8, 2))
+    fast_f = fast_vjp(f)
+    np.testing.assert_allclose(np.asarray(fast_f(w, x)), np.asarray(f(w, x)), rtol=1e-5, atol=1e-5)
+    grad_of = lambda fn: jax.grad(lambda x: jnp.sum(fn(w, x)))  # noqa: E731
+    assert "select_and_scatter" in jax.jit(grad_of(f)).lower(x).as_text()
+    assert "select_and_scatter" not in jax.jit(grad_of(fast_f)).lower(x).as_text()
+    np.testing.assert_allclose(np.asarray(grad_of(fast_f)(x)), np.asarray(grad_of(f)(x)), rtol=1e-4, atol=1e-5)
+
+    def sub_primitives(fn):
+        names = []
+        for eqn in jax.make_jaxpr(fn)(w, x).jaxpr.eqns:
+            for v in eqn.params.values():
+                for c in (v if isinstance(v, tuple) else (v,)):
+                    if hasattr(c, "jaxpr") and hasattr(c.jaxpr, "eqns"):
+                        names += [(eqn.primitive.name, e.primitive.name) for e in c.jaxpr.eqns]
+        return names
+    for outer in ("scan", "cond"):
+        assert (outer, "conv_general_dilated") in sub_primitives(f)
+        assert (outer, "conv_general_dilated") not in sub_primitives(fast_f)
+        assert (outer, "custom_vjp_call") in sub_primitives(fast_f)
+    assert ("while", "custom_vjp_call") in sub_primitives(fast_vjp(g))
+    np.testing.assert_allclose(np.asarray(fast_vjp(g)(w, x)), np.asarray(g(w, x)), rtol=1e-5, atol=1e-5)

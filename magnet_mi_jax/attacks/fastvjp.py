@@ -9,9 +9,10 @@ custom-VJP versions of :mod:`magnet_mi_jax.models.layers`:
 
 Values are those of the original function (the same convolutions run, on CPU one of them with an extra
 padded row that is dropped); only the backward pass is written differently. Primitives inside ``jit``
-sub-computations are rewritten too; those inside ``custom_jvp``/``custom_vjp`` rules, ``cond``, ``scan`` or
-``while`` bodies are left as they are. So a Flax model built from plain ``nn.Conv``/``nn.max_pool`` gets the
-same fast gradient as the package's own networks. Measured effect: BENCHMARKS.md.
+sub-computations and inside ``scan``, ``cond`` and ``while`` bodies (``nn.scan``, ``lax.fori_loop``, ...) are
+rewritten too; those inside ``custom_jvp``/``custom_vjp`` functions are left as their authors wrote them. So a
+Flax model built from plain ``nn.Conv``/``nn.max_pool`` gets the same fast gradient as the package's own
+networks. Measured effect: BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from jax.extend import core as jex_core
 from magnet_mi_jax.models import layers
 
 _CALL_PRIMITIVES = ("pjit", "jit")
+_CONTROL_FLOW_PRIMITIVES = ("scan", "cond", "while")
 
 
 def _conv(invals, params):
@@ -49,8 +51,51 @@ def _reduce_window_max(invals, params):
 _REWRITES = {"conv_general_dilated": _conv, "reduce_window_max": _reduce_window_max}
 
 
+def _sub_jaxprs(params) -> list:
+    """The ClosedJaxprs among a primitive's params (single or in tuples, e.g. ``cond``'s ``branches``)."""
+    out = []
+    for v in params.values():
+        if isinstance(v, jex_core.ClosedJaxpr):
+            out.append(v)
+        elif isinstance(v, tuple):
+            out.extend(b for b in v if isinstance(b, jex_core.ClosedJaxpr))
+    return out
+
+
+def _has_rewrite(jaxpr) -> bool:
+    """Whether ``jaxpr`` (or a jit/scan/cond/while sub-jaxpr) holds a primitive this module rewrites."""
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name in _REWRITES:
+            return True
+        if name in _CALL_PRIMITIVES + _CONTROL_FLOW_PRIMITIVES and any(
+                _has_rewrite(c.jaxpr) for c in _sub_jaxprs(eqn.params)):
+            return True
+    return False
+
+
+def _rewrite_closed(closed):
+    """``closed`` re-traced through :func:`eval_jaxpr_fast` (same signature, rewritten primitives)."""
+    if not _has_rewrite(closed.jaxpr):
+        return closed
+    return jax.make_jaxpr(lambda *args: eval_jaxpr_fast(closed.jaxpr, closed.consts, *args))(
+        *[v.aval for v in closed.jaxpr.invars])
+
+
+def _rewrite_params(params) -> dict:
+    """A control-flow primitive's params with every sub-jaxpr rewritten."""
+    new = {}
+    for k, v in params.items():
+        if isinstance(v, jex_core.ClosedJaxpr):
+            v = _rewrite_closed(v)
+        elif isinstance(v, tuple) and v and all(isinstance(b, jex_core.ClosedJaxpr) for b in v):
+            v = tuple(_rewrite_closed(b) for b in v)
+        new[k] = v
+    return new
+
+
 def eval_jaxpr_fast(jaxpr, consts, *args):
-    """``jax.core.eval_jaxpr`` with the rewrites above (recursing into ``jit`` sub-jaxprs)."""
+    """``jax.core.eval_jaxpr`` with the rewrites above (recursing into jit, scan, cond and while sub-jaxprs)."""
     env: dict[Any, Any] = {}
 
     def read(v):
@@ -72,8 +117,11 @@ def eval_jaxpr_fast(jaxpr, consts, *args):
             inner = eqn.params["jaxpr"]
             out = eval_jaxpr_fast(inner.jaxpr, inner.consts, *invals)
         if out is None:
+            params = eqn.params
+            if name in _CONTROL_FLOW_PRIMITIVES and any(_has_rewrite(c.jaxpr) for c in _sub_jaxprs(params)):
+                params = _rewrite_params(params)
             with eqn.ctx.manager:
-                out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+                out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(params))
             if not eqn.primitive.multiple_results:
                 out = [out]
         for v, val in zip(eqn.outvars, out):
