@@ -92,9 +92,9 @@ def save_params(directory: str | os.PathLike, params: Any, meta: dict[str, Any])
     """Writes ``params`` (orbax) and ``meta`` (JSON) into ``directory``, replacing what was there."""
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory / "params", jax.device_get(params), force=True)
-    checkpointer.wait_until_finished()
+    with ocp.StandardCheckpointer() as checkpointer:      # closed on exit: no async work outlives the call
+        checkpointer.save(directory / "params", jax.device_get(params), force=True)
+        checkpointer.wait_until_finished()
     (directory / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=_json_default) + "\n")
     return directory
 
@@ -121,7 +121,8 @@ def load_params(directory: str | os.PathLike, template: Any) -> Any:
         raise CheckpointError(f"no checkpoint at {params_dir}")
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype), template)
     try:
-        restored = ocp.StandardCheckpointer().restore(params_dir, abstract)
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(params_dir, abstract)
     except Exception as err:  # orbax raises many types for corrupt or mismatched files
         raise CheckpointError(f"cannot restore {params_dir}: corrupt or written for another model "
                               f"({type(err).__name__}: {err})") from err
