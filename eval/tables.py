@@ -80,6 +80,20 @@ class TablesConfig:
     mi_temperature: float = 1.0
     quick: bool = False
 
+    def __post_init__(self):
+        for name in ("n_images", "iterations", "search_steps", "attack_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cw_iterations is not None and self.cw_iterations < 1:
+            raise ValueError(f"cw_iterations must be >= 1 (or None), got {self.cw_iterations}")
+        if self.kappas_per_call < 0:
+            raise ValueError(f"kappas_per_call must be >= 0 (0: the whole grid), got {self.kappas_per_call}")
+        if not self.kappas or min(self.kappas) < 0:
+            raise ValueError(f"kappas must be a non-empty grid of values >= 0, got {self.kappas}")
+        unknown = set(self.attacks) - set(ATTACKS)
+        if unknown or not self.attacks:
+            raise ValueError(f"attacks must be a non-empty subset of {ATTACKS}, got {self.attacks}")
+
     def iterations_for(self, attack: str) -> int:
         """Iterations per search step of ``attack`` (``cw_iterations`` overrides ``iterations`` for C&W)."""
         return self.cw_iterations if attack == "cw_l2" and self.cw_iterations is not None else self.iterations
@@ -545,7 +559,10 @@ def build_config(args: argparse.Namespace) -> TablesConfig:
         if unknown:
             raise SystemExit(f"error: unknown attacks {sorted(unknown)}; choose from {ATTACKS}")
         changes["attacks"] = tuple(args.attacks.split(","))
-    return dataclasses.replace(config, **changes)
+    try:
+        return dataclasses.replace(config, **changes)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -142,6 +142,15 @@ def test_run_job_matches_separate_attack_calls(mnist, tiny_mnist_classifier):
         tables.run_job(tables.AttackJob(("cw_l2", "ead_en"), (0.0,)), module.apply, params, x, y, config)
 
 
+def test_config_rejects_bad_values():
+    for bad in (dict(kappas_per_call=-1), dict(attack_batch=0), dict(cw_iterations=0), dict(kappas=()),
+                dict(kappas=(-1.0,)), dict(attacks=("fgsm",)), dict(n_images=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            dataclasses.replace(TINY, **bad)
+    with pytest.raises(SystemExit, match="kappas_per_call"):
+        tables.main(["--dataset", "mnist", "--quick", "--kappas-per-call", "-2"])
+
+
 def test_cache_never_unpickles(tmp_path):
     path = tmp_path / "cell.npz"
     np.savez(path, adv=np.array([object()], dtype=object), success=np.zeros(1, bool), l0=np.zeros(1),
