@@ -25,21 +25,10 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from magnet_mi_jax import checkpoint, data
-from magnet_mi_jax.detectors import (MAGNET_PRESETS, MagNet, calibrate, clean_accuracy, make_defense_fn,
-                                     map_batches, num_rejected)
+from eval.tables import load_networks, paper_clean
+from magnet_mi_jax.detectors import (MAGNET_PRESETS, MagNet, calibrate, clean_accuracy, decide, flags,
+                                     make_defense_fn, map_batches, num_rejected)
 from magnet_mi_jax.utils import device_description, git_commit
-
-PAPER_CLEAN = {"mnist": {"no_defense": 99.42, "magnet": 99.13}, "cifar10": {"no_defense": 86.91, "magnet": 83.33}}
-
-
-def load_networks(spec: MagNet, dataset: str, checkpoints: Optional[str] = None):
-    """``(applies, params, cards)`` of every network ``spec`` names, from the shipped checkpoints."""
-    applies, params, cards = {}, {}, {}
-    for key in spec.network_keys:
-        module, p, meta = checkpoint.load_model(dataset, key, checkpoints)
-        applies[key], params[key], cards[key] = module.apply, p, meta
-    return applies, params, cards
-
 
 def evaluate_clean(spec: MagNet, applies: Mapping[str, Any], params: Mapping[str, Any], ds: data.Dataset,
                    batch_size: int = 500, val_limit: Optional[int] = None,
@@ -66,10 +55,11 @@ def evaluate_clean(spec: MagNet, applies: Mapping[str, Any], params: Mapping[str
     thresholds = calibrate(spec, val.scores, allow_fewer=val_limit is not None)
     test = map_batches(run, test_x, batch_size)
 
-    flags_val = {n: ~(val.scores[n][:d.calibration_size] < thresholds[n]) for n, d in
-                 zip(spec.detector_names, spec.detectors)}
-    flags_test = {n: ~(test.scores[n] < thresholds[n]) for n in spec.detector_names}
-    flagged = np.logical_or.reduce(list(flags_test.values()))
+    flags_val = {d.name: np.asarray(flags(val.scores[d.name][:d.calibration_size], thresholds[d.name]))
+                 for d in spec.detectors}
+    decision = decide(spec, test, thresholds)
+    flags_test = {n: np.asarray(f) for n, f in decision.flags.items()}
+    flagged = np.asarray(decision.flagged)
     pred, pred_r = test.logits.argmax(-1), test.reformed_logits.argmax(-1)
     acc = clean_accuracy(flagged, pred_r == test_y, pred == test_y)
     detectors = {}
@@ -96,7 +86,7 @@ def evaluate_clean(spec: MagNet, applies: Mapping[str, Any], params: Mapping[str
 
 
 def format_report(dataset: str, result: Mapping[str, Any]) -> str:
-    paper = PAPER_CLEAN.get(dataset, {})
+    paper = paper_clean(dataset)
     acc = result["clean_accuracy"]
     cfgs = {name: ", ".join(f"{k}={v}" for k, v in d["config"].items() if k != "calibration_size")
             for name, d in result["detectors"].items()}
@@ -133,7 +123,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     spec = MAGNET_PRESETS[args.dataset]
     try:
-        applies, params, cards = load_networks(spec, args.dataset, args.checkpoints)
+        applies, params, cards = load_networks(args.dataset, args.checkpoints, names=spec.network_keys)
     except checkpoint.CheckpointError as err:
         parser.exit(2, f"error: {err}\n")
     ds = data.load_dataset(args.dataset, data_dir=args.data_dir, source=args.source)

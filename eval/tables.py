@@ -46,8 +46,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from magnet_mi_jax import attacks, checkpoint, data
-from magnet_mi_jax.detectors import (MAGNET_PRESETS, attack_accuracy, calibrate, clean_accuracy, make_defense_fn,
-                                     map_batches, mi_magnet, roc_auc)
+from magnet_mi_jax.detectors import (MAGNET_PRESETS, attack_accuracy, calibrate, clean_accuracy, decide,
+                                     make_defense_fn, map_batches, mi_magnet, roc_auc)
 from magnet_mi_jax.models import alpha_gan
 from magnet_mi_jax.utils import device_description, git_commit
 
@@ -164,9 +164,11 @@ def params_hash(tree: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_networks(dataset: str, checkpoints: str | None, train_missing: bool, data_dir: str | None):
-    """``(applies, params, cards)`` for the classifier, the MagNet auto-encoders and the alpha-GAN."""
-    names = list(MAGNET_PRESETS[dataset].network_keys) + ["generator"]
+def load_networks(dataset: str, checkpoints: str | None, train_missing: bool = False, data_dir: str | None = None,
+                  names: tuple[str, ...] | None = None):
+    """``(applies, params, cards)`` for the networks ``names`` (default: the classifier, the MagNet
+    auto-encoders and the alpha-GAN, whose ``"generator"`` checkpoint gives ``"encoder"`` and ``"generator"``)."""
+    names = list(MAGNET_PRESETS[dataset].network_keys) + ["generator"] if names is None else list(names)
     applies, params, cards = {}, {}, {}
     for name in names:
         try:
@@ -312,13 +314,21 @@ def _pct(v: float) -> float:
     return round(100.0 * float(v), 2)
 
 
-def evaluate_cell(outputs, thresholds: Mapping[str, float], magnet_names: tuple[str, ...], mi_name: str,
-                  labels: np.ndarray, cell: Mapping[str, np.ndarray], natural_scores: Mapping[str, np.ndarray]
-                  ) -> dict[str, Any]:
-    """Both defenses' accuracy on one cell's adversarial examples, plus attack statistics and detector AUCs."""
-    flags = {n: ~(outputs.scores[n] < thresholds[n]) for n in thresholds}
-    flagged = {"magnet": np.logical_or.reduce([flags[n] for n in magnet_names]),
-               "mi_magnet": np.logical_or.reduce([flags[n] for n in (*magnet_names, mi_name)])}
+def defense_flags(magnet, spec, outputs, thresholds: Mapping[str, float]
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per-detector flags and each defense's verdict (``{"magnet", "mi_magnet"}``), as NumPy, from
+    :func:`~magnet_mi_jax.detectors.decide` (flag iff score >= threshold; a defense flags if any detector does)."""
+    mi = decide(spec, outputs, thresholds)
+    flagged = {"magnet": np.asarray(decide(magnet, outputs, thresholds).flagged), "mi_magnet": np.asarray(mi.flagged)}
+    return {n: np.asarray(f) for n, f in mi.flags.items()}, flagged
+
+
+def evaluate_cell(outputs, thresholds: Mapping[str, float], magnet, spec, labels: np.ndarray,
+                  cell: Mapping[str, np.ndarray], natural_scores: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Both defenses' accuracy on one cell's adversarial examples, plus attack statistics and detector AUCs.
+
+    ``magnet`` is the MagNet preset and ``spec`` its MI-strengthened version (:func:`mi_magnet`)."""
+    flags, flagged = defense_flags(magnet, spec, outputs, thresholds)
     reformed_correct = outputs.reformed_logits.argmax(-1) == labels
     original_correct = outputs.logits.argmax(-1) == labels
     success = cell["success"].astype(bool)
@@ -475,14 +485,11 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
     thresholds = calibrate(spec, val.scores, allow_fewer=len(ds.val_x) < data.VALIDATION_SIZE)
     test = map_batches(run_defense, ds.test_x, eval_batch)
     test_pred = test.logits.argmax(-1)
-    flags = {n: ~(test.scores[n] < thresholds[n]) for n in spec.detector_names}
-    flag_magnet = np.logical_or.reduce([flags[n] for n in magnet.detector_names])
-    flag_mi = flag_magnet | flags[spec.mi.name]
+    flags, flagged = defense_flags(magnet, spec, test, thresholds)
     reformed_correct = test.reformed_logits.argmax(-1) == ds.test_y
     clean = {
         "no_defense": _pct(np.mean(test_pred == ds.test_y)),
-        "magnet": _pct(clean_accuracy(flag_magnet, reformed_correct, test_pred == ds.test_y).both),
-        "mi_magnet": _pct(clean_accuracy(flag_mi, reformed_correct, test_pred == ds.test_y).both),
+        **{d: _pct(clean_accuracy(flagged[d], reformed_correct, test_pred == ds.test_y).both) for d in DEFENSES},
         "test_false_positive_rate": {n: _pct(f.mean()) for n, f in flags.items()},
         "paper": paper_clean(config.dataset),
     }
@@ -520,7 +527,7 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
     for attack, kappa in bar:
         cell = crafted[(attack, kappa)]
         outputs = map_batches(run_defense, cell["adv"], eval_batch)
-        row = evaluate_cell(outputs, thresholds, magnet.detector_names, spec.mi.name, y_att, cell, natural_scores)
+        row = evaluate_cell(outputs, thresholds, magnet, spec, y_att, cell, natural_scores)
         row.update(attack=attack, kappa=kappa, cache=paths[(attack, kappa)].name,
                    cached=(attack, kappa) not in made_by, attack_call=made_by.get((attack, kappa)),
                    paper={d: paper.get((d, attack, kappa)) for d in DEFENSES})
