@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import hashlib
 import json
 import shlex
 import sys
@@ -346,10 +345,7 @@ def load_cells(results: Path, table: Mapping[str, Any], ds: data.Dataset, classi
     """
     config = _tables_config(table)
     indices = np.asarray(table["indices"], np.int64)
-    context = {"dataset": config.dataset, "indices": data.indices_hash(indices),
-               "classifier": tables.params_hash(classifier_params),
-               "data": hashlib.sha256(json.dumps(ds.md5, sort_keys=True).encode()).hexdigest()[:16]
-               if ds.md5 else ds.source}
+    context = tables.cache_context(config.dataset, ds, indices, classifier_params)
     cells = {}
     for key, row in table["cells"].items():
         attack, kappa = row["attack"], float(row["kappa"])
@@ -416,7 +412,7 @@ def run(results: str | Path, *, dataset_name: str, checkpoints: str | None = Non
     warnings = []
     for name, card in cards.items():  # the cache key pins the classifier only; compare the other models' cards
         recorded = table.get("models", {}).get(name)
-        loaded = {k: card.get(k) for k in ("command", "git_commit", "metrics", "seed")}
+        loaded = tables.card_summary(card)
         if recorded is not None and json.loads(json.dumps(loaded)) != recorded:
             warnings.append(f"model {name}: its card differs from the one the tables run recorded (retrained since?)")
     for w in warnings:
@@ -446,7 +442,7 @@ def run(results: str | Path, *, dataset_name: str, checkpoints: str | None = Non
         "scores": score_names(magnet, temps),
         "natural_summary": {n: {"mean": float(v.mean()), "median": float(np.median(v))} for n, v in natural.items()},
         **metrics,
-        "models": {k: {kk: c.get(kk) for kk in ("command", "git_commit", "metrics", "seed")} for k, c in cards.items()},
+        "models": {k: tables.card_summary(c) for k, c in cards.items()},
         "warnings": warnings,
         "git_commit": git_commit(), "device": device_description(), "command": command,
         "wall_seconds": round(time.time() - start, 1),

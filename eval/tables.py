@@ -164,6 +164,23 @@ def params_hash(tree: Any) -> str:
     return digest.hexdigest()[:16]
 
 
+def cache_context(dataset: str, ds: data.Dataset, indices: np.ndarray, classifier_params: Any) -> dict[str, str]:
+    """What, besides the attack settings, determines a cell's adversarial examples (hashed into its cache key):
+    the dataset, the attacked indices, the classifier's weights and the data files (``ds``'s md5s, else its
+    source)."""
+    return {"dataset": dataset, "indices": data.indices_hash(indices), "classifier": params_hash(classifier_params),
+            "data": hashlib.sha256(json.dumps(ds.md5, sort_keys=True).encode()).hexdigest()[:16]
+            if ds.md5 else ds.source}
+
+
+CARD_FIELDS = ("command", "git_commit", "metrics", "seed")
+
+
+def card_summary(card: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a model card a result records (``CARD_FIELDS``; None where absent)."""
+    return {k: card.get(k) for k in CARD_FIELDS}
+
+
 def load_networks(dataset: str, checkpoints: str | None, train_missing: bool = False, data_dir: str | None = None,
                   names: tuple[str, ...] | None = None):
     """``(applies, params, cards)`` for the networks ``names`` (default: the classifier, the MagNet
@@ -497,10 +514,7 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
     indices = data.select_attack_indices(ds.test_y, test_pred, config.n_images, config.seed)
     x_att, y_att = ds.test_x[indices], ds.test_y[indices]
     natural_scores = {n: test.scores[n][indices] for n in spec.detector_names}
-    context = {"dataset": config.dataset, "indices": data.indices_hash(indices),
-               "classifier": params_hash(params["classifier"]),
-               "data": hashlib.sha256(json.dumps(ds.md5, sort_keys=True).encode()).hexdigest()[:16]
-               if ds.md5 else ds.source}
+    context = cache_context(config.dataset, ds, indices, params["classifier"])
 
     # Craft the missing cells (cached ones are checked here, before any long computation).
     keys = [(a, k) for a in config.attacks for k in config.kappas]
@@ -542,7 +556,7 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
         "data_source": ds.source, "git_commit": git_commit(), "device": device_description(),
         "command": command, "wall_seconds": round(time.time() - start, 1), "thresholds": thresholds,
         "clean_accuracy": clean, "cells": cells,
-        "models": {k: {kk: c.get(kk) for kk in ("command", "git_commit", "metrics", "seed")} for k, c in cards.items()},
+        "models": {k: card_summary(c) for k, c in cards.items()},
     }
     (out / "table.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     (out / "table.md").write_text(render_markdown(result))
