@@ -289,8 +289,9 @@ def run_job(job: AttackJob, logits_fn: Callable, params: Any, x: np.ndarray, y: 
             config: TablesConfig) -> dict[tuple[str, float], dict[str, np.ndarray]]:
     """Crafts every (attack, kappa) cell of ``job``: untargeted, on images ``x`` in batches of ``attack_batch``.
 
-    The kappas run as one grid (G, 1) folded into the batch. A short last batch is padded (repeating its first
-    image) to the compiled shape, so every batch reuses one compilation; the padding is dropped.
+    The kappas run as one grid (G, 1) folded into the batch. Batches go through
+    :func:`~magnet_mi_jax.utils.map_batches` (over image indices), which pads a short last batch to the
+    compiled shape, so every batch reuses one compilation; the padding is dropped.
     """
     kappa = jnp.asarray(job.kappas, jnp.float32)[:, None]                 # (G, 1)
     common = dict(params=params, kappa=kappa, const=config.initial_const, learning_rate=config.learning_rate,
@@ -307,18 +308,13 @@ def run_job(job: AttackJob, logits_fn: Callable, params: Any, x: np.ndarray, y: 
             return {f"ead_{rule}": res for rule, res in out.items()}
     else:
         raise ValueError(f"a job runs cw_l2 alone or EAD rules {tuple(EAD_RULES)}; got {job.attacks}")
-    n = len(x)
-    batch = min(config.attack_batch, n)
-    parts = []
-    for start in range(0, n, batch):
-        xb, yb = x[start:start + batch], y[start:start + batch]
-        m = len(xb)
-        if m < batch:
-            fill = np.zeros(batch - m, np.int64)
-            xb, yb = np.concatenate([xb, xb[fill]]), np.concatenate([yb, yb[fill]])
-        out = craft(jnp.asarray(xb), jnp.asarray(yb, jnp.int32))
-        parts.append({a: {k: np.asarray(getattr(res, k))[:, :m] for k in ATTACK_FIELDS} for a, res in out.items()})
-    return {(a, kappa): {k: np.concatenate([p[a][k][g] for p in parts]) for k in ATTACK_FIELDS}
+
+    def craft_rows(idx):              # (b,) image indices -> {attack: {field: (b, G, ...)}}
+        out = craft(jnp.asarray(x[idx]), jnp.asarray(y[idx], jnp.int32))
+        return {a: {k: jnp.swapaxes(getattr(res, k), 0, 1) for k in ATTACK_FIELDS} for a, res in out.items()}
+
+    rows = map_batches(craft_rows, np.arange(len(x)), config.attack_batch)
+    return {(a, kappa): {k: rows[a][k][:, g] for k in ATTACK_FIELDS}
             for a in job.attacks for g, kappa in enumerate(job.kappas)}
 
 
