@@ -48,12 +48,12 @@ from jax import lax
 __all__ = ["Conv", "conv_general_dilated", "max_pool", "fast_conv_supported"]
 
 
-def _normalize(lhs, rhs, window_strides, padding, dimension_numbers):
-    """Explicit ``((lo, hi), ...)`` padding and ``ConvDimensionNumbers`` for the given operands."""
-    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+def _normalize(lhs_shape, rhs_shape, window_strides, padding, dimension_numbers):
+    """Explicit ``((lo, hi), ...)`` padding and ``ConvDimensionNumbers`` for operands of the given shapes."""
+    dn = lax.conv_dimension_numbers(tuple(lhs_shape), tuple(rhs_shape), dimension_numbers)
     if isinstance(padding, str):
-        in_spatial = [lhs.shape[d] for d in dn.lhs_spec[2:]]
-        k_spatial = [rhs.shape[d] for d in dn.rhs_spec[2:]]
+        in_spatial = [lhs_shape[d] for d in dn.lhs_spec[2:]]
+        k_spatial = [rhs_shape[d] for d in dn.rhs_spec[2:]]
         padding = lax.padtype_to_pads(in_spatial, k_spatial, window_strides, padding)
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
     return padding, dn
@@ -67,16 +67,13 @@ def fast_conv_supported(lhs_shape, rhs_shape, window_strides, padding, lhs_dilat
     Supported: unit strides and dilations, one feature and batch group, padding ``0 <= lo, hi <= k - 1`` in
     every spatial dimension (covers ``"VALID"`` and ``"SAME"``), no ``preferred_element_type``.
     """
-    class _S:  # shape holder for lax.conv_dimension_numbers
-        def __init__(self, shape):
-            self.shape = tuple(shape)
     nd = len(lhs_shape) - 2
     ones = (1,) * nd
     if tuple(window_strides) != ones or tuple(lhs_dilation or ones) != ones or tuple(rhs_dilation or ones) != ones:
         return False
     if feature_group_count != 1 or batch_group_count != 1 or preferred_element_type is not None:
         return False
-    pads, dn = _normalize(_S(lhs_shape), _S(rhs_shape), window_strides, padding, dimension_numbers)
+    pads, dn = _normalize(lhs_shape, rhs_shape, window_strides, padding, dimension_numbers)
     k_spatial = [rhs_shape[d] for d in dn.rhs_spec[2:]]
     return all(0 <= lo <= k - 1 and 0 <= hi <= k - 1 for (lo, hi), k in zip(pads, k_spatial))
 
@@ -188,7 +185,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, batch_group_count, precision,
                                         preferred_element_type, **kwargs)
-    pads, dn = _normalize(lhs, rhs, window_strides, padding, dimension_numbers)
+    pads, dn = _normalize(lhs.shape, rhs.shape, window_strides, padding, dimension_numbers)
     if isinstance(precision, list):
         precision = tuple(precision)
     return _fast_conv(lhs, rhs, pads, dn, precision)
