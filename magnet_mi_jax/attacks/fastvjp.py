@@ -83,7 +83,8 @@ def _rewrite_closed(closed):
 
 
 def _rewrite_params(params) -> dict:
-    """A control-flow primitive's params with every sub-jaxpr rewritten."""
+    """A control-flow primitive's params with every sub-jaxpr rewritten (those without a rewritable
+    primitive are kept as they are, not re-traced)."""
     new = {}
     for k, v in params.items():
         if isinstance(v, jex_core.ClosedJaxpr):
@@ -117,9 +118,7 @@ def eval_jaxpr_fast(jaxpr, consts, *args):
             inner = eqn.params["jaxpr"]
             out = eval_jaxpr_fast(inner.jaxpr, inner.consts, *invals)
         if out is None:
-            params = eqn.params
-            if name in _CONTROL_FLOW_PRIMITIVES and any(_has_rewrite(c.jaxpr) for c in _sub_jaxprs(params)):
-                params = _rewrite_params(params)
+            params = _rewrite_params(eqn.params) if name in _CONTROL_FLOW_PRIMITIVES else eqn.params
             with eqn.ctx.manager:
                 out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(params))
             if not eqn.primitive.multiple_results:
