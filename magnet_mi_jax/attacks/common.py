@@ -140,8 +140,7 @@ def distortions(adv: jax.Array, x0: jax.Array) -> tuple[jax.Array, jax.Array, ja
 
 def finish(x0, best_adv, found, best_const, last_const) -> AttackResult:
     """The result pytree: the original image (distortions 0) where nothing was found."""
-    mask = found.reshape((-1,) + (1,) * (x0.ndim - 1))
-    adv = jnp.where(mask, best_adv, x0)
+    adv = jnp.where(per_example(found, x0), best_adv, x0)
     l0, l1, l2, linf = distortions(adv, x0)
     return AttackResult(adv=adv, success=found, l0=l0, l1=l1, l2=l2, linf=linf,
                         const=jnp.where(found, best_const, last_const))
