@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import signal
 import time
@@ -113,7 +114,6 @@ def fit(config: LoopConfig, state: TrainState, update_fn, arrays: dict[str, np.n
         if manager.latest_step() != step:
             manager.save(step, args=ocp.args.StandardSave(jax.device_get(state)), force=force)
 
-    history = []
     with _terminate_as_exit():
         try:
             start_step = int(state.step)
@@ -140,7 +140,6 @@ def fit(config: LoopConfig, state: TrainState, update_fn, arrays: dict[str, np.n
                 record.update({f"train_{k}": float(v) / done for k, v in sums.items()})
                 if evaluate is not None:
                     record.update({f"val_{k}": float(v) for k, v in evaluate(state.params).items()})
-                history.append(record)
                 with open(history_path, "a") as f:
                     f.write(_json_line(record))
                 print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
@@ -157,7 +156,6 @@ def read_history(path: Path) -> list[dict]:
     """Per-epoch records of a run, across restarts (the last record of each epoch wins)."""
     if not Path(path).is_file():
         return []
-    import json
     records = {}
     for line in Path(path).read_text().splitlines():
         if line.strip():
@@ -183,5 +181,4 @@ def _terminate_as_exit():
 
 
 def _json_line(record: dict) -> str:
-    import json
     return json.dumps(record) + "\n"
