@@ -1,0 +1,150 @@
+"""Where an attack iteration's time goes on this backend: the layer-level figures behind ``models/layers.py``.
+
+    python -m eval.probe_layers [--batch 100] [--repeats 20] [--json PATH]
+
+Times (milliseconds per call, the minimum over ``--repeats`` calls after a warm-up; batch of MNIST-shaped
+inputs, random values) each problem the custom layers fix, natively (``lax``, JAX's own transpose rules)
+and with this package's layers:
+
+1. the forward of MagNet's second MNIST convolution, (B, 26, 26, 32) -> (B, 24, 24, 32): ``"VALID"`` natively,
+   the same with padding (1, 1) natively (more FLOPs), and :func:`~magnet_mi_jax.models.layers.conv_general_dilated`
+   (``"VALID"`` computed with one extra padded row on CPU);
+2. the input gradient of the first convolution (one input channel), (B, 28, 28, 1) -> (B, 26, 26, 32): JAX's
+   transpose vs the custom VJP (matmul + col2im);
+3. the gradient of a 2x2 max pool of (B, 24, 24, 32): ``select_and_scatter`` vs the fused custom VJP;
+4. the whole classifier's input gradient inside a ``lax.fori_loop`` of 10 steps (per step): the plain network
+   (native convolutions and pools) vs the same function through :func:`~magnet_mi_jax.attacks.fast_vjp`.
+
+The plain network of 4. is MagNet's MNIST classifier written with ``lax`` primitives only; it is checked to
+give the same logits as :class:`~magnet_mi_jax.models.MnistClassifier` on the same (random) parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from magnet_mi_jax.attacks import fast_vjp
+from magnet_mi_jax.models import MnistClassifier, layers
+from magnet_mi_jax.utils import device_description, git_commit
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _best_ms(fn: Callable[[], Any], repeats: int) -> float:
+    jax.block_until_ready(fn())
+    best = np.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t)
+    return 1e3 * best
+
+
+def plain_mnist_classifier(params, x):
+    """MagNet's MNIST classifier (inference) with ``lax`` convolutions and ``lax.reduce_window`` pools."""
+    p = params["params"]
+    for i in range(4):
+        x = jax.nn.relu(lax.conv_general_dilated(x, p[f"conv{i}"]["kernel"], (1, 1), "VALID", dimension_numbers=DN)
+                        + p[f"conv{i}"]["bias"])
+        if i % 2 == 1:
+            x = lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+    x = x.reshape(x.shape[0], -1)
+    for name in ("dense0", "dense1"):
+        x = jax.nn.relu(x @ p[name]["kernel"] + p[name]["bias"])
+    return x @ p["logits"]["kernel"] + p["logits"]["bias"]
+
+
+def probe(batch: int = 100, repeats: int = 20) -> dict[str, dict[str, float]]:
+    keys = jax.random.split(jax.random.key(0), 6)
+    out: dict[str, dict[str, float]] = {}
+
+    x26 = jax.random.uniform(keys[0], (batch, 26, 26, 32))
+    w32 = jax.random.normal(keys[1], (3, 3, 32, 32)) * 0.1
+    native = jax.jit(lambda x, w, pad: lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=DN),
+                     static_argnums=2)
+    ours = jax.jit(lambda x, w: layers.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=DN))
+    out["conv_forward_26x26x32"] = {
+        "native_valid": _best_ms(lambda: native(x26, w32, "VALID"), repeats),
+        "native_padding_1_1": _best_ms(lambda: native(x26, w32, ((1, 1), (1, 1))), repeats),
+        "layers_valid": _best_ms(lambda: ours(x26, w32), repeats)}
+
+    x28 = jax.random.uniform(keys[2], (batch, 28, 28, 1))
+    w1 = jax.random.normal(keys[3], (3, 3, 1, 32)) * 0.1
+    g26 = jax.random.normal(keys[4], (batch, 26, 26, 32))
+
+    def input_grad(conv):  # w and g are arguments: as constants XLA would fold the (x-independent) gradient
+        return jax.jit(lambda x, w, g: jax.grad(
+            lambda x: jnp.sum(conv(x, w, (1, 1), "VALID", dimension_numbers=DN) * g))(x))
+    native_g, ours_g = input_grad(lax.conv_general_dilated), input_grad(layers.conv_general_dilated)
+    np.testing.assert_allclose(ours_g(x28, w1, g26), native_g(x28, w1, g26), rtol=1e-4, atol=1e-4)
+    out["first_conv_input_gradient"] = {"native": _best_ms(lambda: native_g(x28, w1, g26), repeats),
+                                        "layers": _best_ms(lambda: ours_g(x28, w1, g26), repeats)}
+
+    x24 = jax.random.uniform(keys[5], (batch, 24, 24, 32))
+    g12 = jax.random.normal(keys[0], (batch, 12, 12, 32))
+
+    def pool_grad(pool):
+        return jax.jit(lambda x, g: jax.grad(lambda x: jnp.sum(pool(x) * g))(x))
+    native_p = pool_grad(lambda x: lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"))
+    ours_p = pool_grad(lambda x: layers.max_pool(x, (2, 2), (2, 2)))
+    np.testing.assert_array_equal(ours_p(x24, g12), native_p(x24, g12))
+    out["max_pool_gradient_24x24x32"] = {"native": _best_ms(lambda: native_p(x24, g12), repeats),
+                                         "layers": _best_ms(lambda: ours_p(x24, g12), repeats)}
+
+    params = MnistClassifier().init(jax.random.key(1), jnp.zeros((1, 28, 28, 1)))
+    np.testing.assert_allclose(plain_mnist_classifier(params, x28), MnistClassifier().apply(params, x28),
+                               rtol=1e-4, atol=1e-4)
+    steps = 10
+
+    def loop(fn):
+        grad = jax.grad(lambda x, p: jnp.sum(fn(p, x)))
+        return jax.jit(lambda x, p: lax.fori_loop(0, steps, lambda _, x: jnp.clip(x - 1e-3 * grad(x, p), 0, 1), x))
+    native_l, fast_l = loop(plain_mnist_classifier), loop(fast_vjp(plain_mnist_classifier))
+    forward = jax.jit(plain_mnist_classifier)
+    out["classifier_gradient_step_in_loop"] = {
+        "forward": _best_ms(lambda: forward(params, x28), repeats),
+        "native_per_step": _best_ms(lambda: native_l(x28, params), max(repeats // 4, 2)) / steps,
+        "fast_vjp_per_step": _best_ms(lambda: fast_l(x28, params), max(repeats // 4, 2)) / steps}
+    return out
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    lines = [f"## Layer probe: batch {report['batch']}, best of {report['repeats']} calls", "",
+             f"Device {report['device']}, load average {report['loadavg_start'][0]:.2f} -> "
+             f"{report['loadavg_end'][0]:.2f}, commit {report['git_commit'][:12]}.", "",
+             "| problem | variant | ms |", "|---|---|---:|"]
+    for problem, variants in report["probe"].items():
+        lines += [f"| {problem} | {v} | {ms:.2f} |" for v, ms in variants.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    load_start = os.getloadavg()
+    report = {"batch": args.batch, "repeats": args.repeats, "device": device_description(), "jax": jax.__version__,
+              "loadavg_start": load_start, "probe": probe(args.batch, args.repeats),
+              "loadavg_end": os.getloadavg(), "git_commit": git_commit()}
+    sys.stdout.write(to_markdown(report))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=2)
+            fh.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
