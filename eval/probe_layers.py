@@ -13,7 +13,9 @@ and with this package's layers:
    transpose vs the custom VJP (matmul + col2im);
 3. the gradient of a 2x2 max pool of (B, 24, 24, 32): ``select_and_scatter`` vs the fused custom VJP;
 4. the whole classifier's input gradient inside a ``lax.fori_loop`` of 10 steps (per step): the plain network
-   (native convolutions and pools) vs the same function through :func:`~magnet_mi_jax.attacks.fast_vjp`.
+   (native convolutions and pools) vs the same function through :func:`~magnet_mi_jax.attacks.fast_vjp`;
+   beside it the forward pass alone, of the plain network and of :class:`~magnet_mi_jax.models.MnistClassifier`
+   (this package's layers).
 
 The plain network of 4. is MagNet's MNIST classifier written with ``lax`` primitives only; it is checked to
 give the same logits as :class:`~magnet_mi_jax.models.MnistClassifier` on the same (random) parameters.
@@ -110,9 +112,10 @@ def probe(batch: int = 100, repeats: int = 20) -> dict[str, dict[str, float]]:
         grad = jax.grad(lambda x, p: jnp.sum(fn(p, x)))
         return jax.jit(lambda x, p: lax.fori_loop(0, steps, lambda _, x: jnp.clip(x - 1e-3 * grad(x, p), 0, 1), x))
     native_l, fast_l = loop(plain_mnist_classifier), loop(fast_vjp(plain_mnist_classifier))
-    forward = jax.jit(plain_mnist_classifier)
+    forward, module_forward = jax.jit(plain_mnist_classifier), jax.jit(MnistClassifier().apply)
     out["classifier_gradient_step_in_loop"] = {
         "forward": _best_ms(lambda: forward(params, x28), repeats),
+        "forward_with_layers": _best_ms(lambda: module_forward(params, x28), repeats),
         "native_per_step": _best_ms(lambda: native_l(x28, params), max(repeats // 4, 2)) / steps,
         "fast_vjp_per_step": _best_ms(lambda: fast_l(x28, params), max(repeats // 4, 2)) / steps}
     return out
