@@ -57,6 +57,20 @@ def test_conv_value_and_both_gradients_match_native(h, cin, cout, k, padding):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=2e-5 * scale, err_msg=name)
 
 
+def test_undifferentiated_forward_is_the_native_convolution():
+    """Outside differentiation no padded row and no slice: XLA:CPU can fuse the network into one graph."""
+    x = jax.random.normal(jax.random.key(0), (2, 26, 26, 32))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 32, 32)) / 17.0
+    fast = jax.jit(lambda x, w: _fast(x, w, "VALID"))
+    text = fast.lower(x, w).as_text()
+    assert "slice" not in text and "pad = [1, 0]" not in text and "[[1, 0]" not in text
+    native = jax.jit(_native, static_argnums=2)
+    np.testing.assert_array_equal(np.asarray(fast(x, w)), np.asarray(native(x, w, "VALID")))
+    # Under differentiation the (CPU) forward is the padded form, with the first output row dropped.
+    vjp_text = jax.jit(lambda x, w: jax.vjp(lambda x: _fast(x, w, "VALID"), x)[0]).lower(x, w).as_text()
+    assert "slice" in vjp_text
+
+
 def test_conv_gradient_inside_lax_loop_matches_native():
     """The custom VJP inside a fori_loop (where XLA:CPU compiles differently) gives the native result."""
     keys = jax.random.split(jax.random.key(1), 2)

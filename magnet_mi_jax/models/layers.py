@@ -6,11 +6,18 @@ the package switches convolution implementation in one place without changing it
 
 Why (measured on the project's 2-core x86-64 machine, jaxlib 0.10.2; see BENCHMARKS.md and PERF_NOTES.md):
 
-* XLA:CPU lowers convolutions to YNNPACK; a convolution with **all-zero padding** (``"VALID"``, or a 1x1
-  ``"SAME"``) takes a path about 4x slower than the same convolution with any non-zero padding. On CPU the
-  forward therefore pads one extra row on top of the first spatial dimension and drops the first output row
-  (:func:`_conv_cpu`): a few percent more FLOPs, about 4x less time. Other platforms use the plain convolution
-  (``lax.platform_dependent``).
+* XLA:CPU lowers a convolution that stands alone (its own fusion) to YNNPACK; with **all-zero padding**
+  (``"VALID"``, or a 1x1 ``"SAME"``) it takes a path about 4-8x slower than the same convolution with any
+  non-zero padding. Under differentiation the residuals split the network into such lone convolutions, so
+  there, on CPU, the forward pads one extra row on top of the first spatial dimension and drops the first
+  output row (:func:`_conv_cpu`): a few percent more FLOPs, about 4x less time. A forward pass that is not
+  differentiated keeps the native convolution: XLA:CPU then fuses the whole network (convolutions, bias
+  adds, ReLUs, pools, dots) into one YNNPACK graph, which is fast with any padding and which the padded
+  form's row-dropping slice would split (the MNIST classifier's forward: about 8 ms instead of 18 ms at
+  batch 100). Other platforms use the plain convolution throughout (``lax.platform_dependent``). Disabling
+  YNNPACK's lone convolutions (``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce,
+  individual_dot``) gives them to Eigen, which has no slow path, but XLA flags are process-wide, so this
+  package does not set them.
 * The input gradient of a stride-1 convolution is itself a convolution: with the forward
   ``y = conv(x, W)`` and padding ``(lo, hi)`` per spatial dimension,
 
@@ -133,7 +140,12 @@ def _input_gradient_col(g, w, x_shape, padding, precision):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _fast_conv(lhs, rhs, padding, dn, precision):
-    return _conv_impl(lhs, rhs, padding, dn, precision)
+    # Not differentiated: the native convolution. XLA:CPU fuses a network's native convolutions, bias adds,
+    # ReLUs, pools and dots into one YNNPACK graph, which runs fast even with all-zero padding (the MNIST
+    # classifier's forward: 8 ms against 18 ms through the padded form, whose row-dropping slice splits
+    # that graph; BENCHMARKS.md). Under differentiation the residuals split the graph anyway, so
+    # ``_fast_conv_fwd`` takes the padded form.
+    return _conv_native(lhs, rhs, padding, dn, precision)
 
 
 def _fast_conv_fwd(lhs, rhs, padding, dn, precision):
