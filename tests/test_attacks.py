@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from magnet_mi_jax.attacks import AttackResult, cw_l2, ead, margin_loss, shrinkage, update_const
 from magnet_mi_jax.attacks import common
 from magnet_mi_jax.attacks.ead import _ead_core, keep_best, rule_score
+from magnet_mi_jax.models import layers
 
 ATTACKS = {"ead": ead, "cw": cw_l2}
 FAST = dict(iterations=100, search_steps=4, learning_rate=0.05)
@@ -379,3 +380,19 @@ def test_fista_momentum_changes_the_iterates():
     ista = ead(linear_logits, x0, labels, method="ista", **kw)
     assert bool(fista.success.all()) and bool(ista.success.all())
     assert float(jnp.max(jnp.abs(fista.adv - ista.adv))) > 1e-3
+
+
+def test_attack_cores_trace_for_eigen_lone_convolutions_on_cpu():
+    """The cores are compiled per platform: on CPU traced inside layers.lone_convolutions_on_eigen (and
+    compiled with CPU_COMPILER_OPTIONS when this jaxlib accepts them), elsewhere as plain jax.jit."""
+    seen = []
+
+    def fn(x, *, n):
+        seen.append(layers._LONE_CONVOLUTIONS_ON_EIGEN.get())
+        return x * n
+    core = common.platform_jit(fn, static_argnames=("n",))
+    assert float(core(jnp.float32(2.0), n=3, platform="cpu")) == 6.0
+    assert seen == [layers.cpu_compiler_options() is not None]
+    core(jnp.float32(5.0), n=3, platform="cpu")                  # cached: no new trace
+    assert len(seen) == 1 and core._cache_size() == 1
+    assert not layers._LONE_CONVOLUTIONS_ON_EIGEN.get()           # the context ended with the trace

@@ -66,9 +66,48 @@ def test_undifferentiated_forward_is_the_native_convolution():
     assert "slice" not in text and "pad = [1, 0]" not in text and "[[1, 0]" not in text
     native = jax.jit(_native, static_argnums=2)
     np.testing.assert_array_equal(np.asarray(fast(x, w)), np.asarray(native(x, w, "VALID")))
-    # Under differentiation the (CPU) forward is the padded form, with the first output row dropped.
-    vjp_text = jax.jit(lambda x, w: jax.vjp(lambda x: _fast(x, w, "VALID"), x)[0]).lower(x, w).as_text()
-    assert "slice" in vjp_text
+    # Under differentiation the (CPU) forward is the padded form, with the first output row dropped ...
+    vjp_fn = lambda x, w: jax.vjp(lambda x: _fast(x, w, "VALID"), x)[0]  # noqa: E731
+    assert "slice" in jax.jit(vjp_fn).lower(x, w).as_text()
+    # ... unless the computation is traced for Eigen's lone convolutions (layers.cpu_jit): native again.
+    # (A fresh function: jit reuses a function's cached trace, and the choice is made at trace time.)
+    with layers.lone_convolutions_on_eigen():
+        eigen_text = jax.jit(lambda x, w: vjp_fn(x, w)).lower(x, w).as_text()
+    assert "slice" not in eigen_text and "[[1, 0]" not in eigen_text
+    np.testing.assert_allclose(np.asarray(layers.cpu_jit(vjp_fn, platform="cpu")(x, w)),
+                               np.asarray(native(x, w, "VALID")), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_jit_sends_lone_convolutions_to_eigen_with_the_same_gradient():
+    """layers.cpu_jit compiles with CPU_COMPILER_OPTIONS: the input gradient's convolutions leave YNNPACK
+    (plain ``convolution`` ops, no ``ynn_fusion`` holding one), the forward pass stays one YNNPACK graph, and
+    the numbers match the default compilation."""
+    if layers.cpu_compiler_options() is None:
+        pytest.skip("this jaxlib does not accept CPU_COMPILER_OPTIONS (layers.cpu_jit is plain jax.jit)")
+    model = MnistClassifier()
+    x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
+    params = model.init(jax.random.key(0), x)
+    grad = jax.grad(lambda x: jnp.sum(jnp.sin(fast_vjp(model.apply)(params, x))))
+
+    def conv_homes(compiled_text):
+        """For each convolution in the optimised HLO: the computation it sits in."""
+        homes, current = [], None
+        for line in compiled_text.splitlines():
+            if line and not line.startswith(" ") and "{" in line:
+                current = line.split()[0] if not line.startswith("ENTRY") else "ENTRY"
+            if " convolution(" in line:
+                homes.append(current)
+        return homes
+
+    default_text = jax.jit(grad).lower(x).compile().as_text()
+    eigen_text = layers.cpu_jit(grad, platform="cpu").lower(x).compile().as_text()
+    assert "ynn_fusion" in default_text
+    assert conv_homes(eigen_text).count("ENTRY") == 4 + 3        # 4 forward, 3 input-gradient convolutions
+    assert conv_homes(default_text).count("ENTRY") < conv_homes(eigen_text).count("ENTRY")
+    np.testing.assert_allclose(np.asarray(layers.cpu_jit(grad, platform="cpu")(x)), np.asarray(jax.jit(grad)(x)),
+                               rtol=1e-5, atol=1e-6)
+    forward_text = layers.cpu_jit(model.apply, platform="cpu").lower(params, x).compile().as_text()
+    assert conv_homes(forward_text) and "ENTRY" not in conv_homes(forward_text)   # all inside the fused graph
 
 
 def test_conv_gradient_inside_lax_loop_matches_native():

@@ -16,7 +16,7 @@ true logit into 0 and beats every negative logit).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -262,11 +262,41 @@ def check_options(iterations, search_steps, learning_rate):
 
 # ------------------------------------------------------------------------------------------------ the driver
 
+class platform_jit:  # noqa: N801 - used as a decorator, like jax.jit
+    """``fn`` jitted once per platform: :func:`~magnet_mi_jax.models.layers.cpu_jit` on CPU (lone
+    convolutions on Eigen, see :data:`~magnet_mi_jax.models.layers.CPU_COMPILER_OPTIONS`), ``jax.jit``
+    elsewhere. Called as ``core(*args, platform=..., **kwargs)``; ``platform`` defaults to
+    ``jax.default_backend()``.
+
+    Example:
+      >>> core = platform_jit(lambda x, *, n: x * n, static_argnames=("n",))
+      >>> int(core(jnp.int32(2), n=3, platform="cpu"))
+      6
+    """
+
+    def __init__(self, fn: Callable, static_argnames: Sequence[str] = ()):
+        from magnet_mi_jax.models import layers
+        self._fn, self._static_argnames, self._jits, self._layers = fn, tuple(static_argnames), {}, layers
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, platform: str | None = None, **kwargs):
+        platform = platform or jax.default_backend()
+        if platform not in self._jits:
+            self._jits[platform] = self._layers.cpu_jit(self._fn, platform=platform,
+                                                        static_argnames=self._static_argnames)
+        return self._jits[platform](*args, **kwargs)
+
+    def _cache_size(self) -> int:
+        """Compiled variants held, over all platforms (for recompilation tests)."""
+        return sum(j._cache_size() for j in self._jits.values())
+
+
 def run_batched(core: Callable, params: Any, x0, labels, kappa, const, scalars: tuple, grid: bool,
                 devices=None) -> AttackResult:
     """Folds a kappa grid into the batch, shards the batch over ``devices`` and calls the jitted ``core``.
 
-    ``core(params, x0, labels, kappa, const, *scalars) -> AttackResult`` works on a flat batch (N,). With G
+    ``core(params, x0, labels, kappa, const, *scalars, platform=...) -> AttackResult`` (a
+    :class:`platform_jit`) works on a flat batch (N,), compiled for the devices' platform. With G
     grid rows the batch is N = G * B (each image repeated per kappa); with D devices it is padded (repeating
     the first example) to a multiple of D and sharded along the batch axis (``jax.sharding``, data parallel;
     params replicated). The result is unpadded and reshaped to (G, B, ...) for a grid.
@@ -294,7 +324,8 @@ def run_batched(core: Callable, params: Any, x0, labels, kappa, const, scalars: 
         x0, labels, kappa, const = jax.device_put((x0, labels, kappa, const), devices[0])
         params = jax.device_put(params, devices[0]) if params is not None else None
         scalars = tuple(jax.device_put(jnp.asarray(s, jnp.float32), devices[0]) for s in scalars)
-    out = core(params, x0, labels, kappa, const, *scalars)
+    platform = devices[0].platform if devices else None
+    out = core(params, x0, labels, kappa, const, *scalars, platform=platform)
     out = jax.tree.map(lambda a: a[:n], out)
     if grid:
         out = jax.tree.map(lambda a: a.reshape((g, batch, *a.shape[1:])), out)

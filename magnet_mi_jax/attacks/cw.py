@@ -41,8 +41,9 @@ def from_box(x0: jax.Array) -> jax.Array:
     return jnp.arctanh((2.0 * x0 - 1.0) * TANH_SCALE)
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "has_params", "iterations", "search_steps",
-                                             "abort_early", "targeted", "fast"))
+@functools.partial(common.platform_jit,
+                   static_argnames=("logits_fn", "has_params", "iterations", "search_steps", "abort_early",
+                                    "targeted", "fast"))
 def _cw_core(params, x0, labels, kappa, const, learning_rate, *, logits_fn, has_params, iterations,
              search_steps, abort_early, targeted, fast) -> AttackResult:
     logits = common.bind_logits(logits_fn, params, has_params, fast)

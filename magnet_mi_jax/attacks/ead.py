@@ -72,8 +72,9 @@ def keep_best(best_score, best_adv, best_const, candidate, score, success, const
             jnp.where(improve, const, best_const))
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "has_params", "rules", "iterations", "search_steps",
-                                             "abort_early", "targeted", "method", "fast"))
+@functools.partial(common.platform_jit,
+                   static_argnames=("logits_fn", "has_params", "rules", "iterations", "search_steps", "abort_early",
+                                    "targeted", "method", "fast"))
 def _ead_core(params, x0, labels, kappa, const, beta, learning_rate, *, logits_fn, has_params, rules,
               iterations, search_steps, abort_early, targeted, method, fast) -> tuple[AttackResult, ...]:
     """One result per decision rule in ``rules``: the iterates (and the binary search) do not depend on it."""

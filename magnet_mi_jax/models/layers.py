@@ -6,18 +6,21 @@ the package switches convolution implementation in one place without changing it
 
 Why (measured on the project's 2-core x86-64 machine, jaxlib 0.10.2; see BENCHMARKS.md and PERF_NOTES.md):
 
-* XLA:CPU lowers a convolution that stands alone (its own fusion) to YNNPACK; with **all-zero padding**
-  (``"VALID"``, or a 1x1 ``"SAME"``) it takes a path about 4-8x slower than the same convolution with any
-  non-zero padding. Under differentiation the residuals split the network into such lone convolutions, so
-  there, on CPU, the forward pads one extra row on top of the first spatial dimension and drops the first
-  output row (:func:`_conv_cpu`): a few percent more FLOPs, about 4x less time. A forward pass that is not
-  differentiated keeps the native convolution: XLA:CPU then fuses the whole network (convolutions, bias
-  adds, ReLUs, pools, dots) into one YNNPACK graph, which is fast with any padding and which the padded
-  form's row-dropping slice would split (the MNIST classifier's forward: about 8 ms instead of 18 ms at
-  batch 100). Other platforms use the plain convolution throughout (``lax.platform_dependent``). Disabling
-  YNNPACK's lone convolutions (``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce,
-  individual_dot``) gives them to Eigen, which has no slow path, but XLA flags are process-wide, so this
-  package does not set them.
+* XLA:CPU lowers a convolution that stands alone (its own fusion) to YNNPACK by default, single-threaded,
+  and with **all-zero padding** (``"VALID"``, or a 1x1 ``"SAME"``) on a path about 4-8x slower than the same
+  convolution with any non-zero padding. A forward pass that is not differentiated is not affected: XLA:CPU
+  fuses the whole network (convolutions, bias adds, ReLUs, pools, dots) into one YNNPACK graph, which is fast
+  with any padding, so the primal rule here is the native convolution. Under differentiation the residuals
+  split the network into lone convolutions. Two remedies, chosen at trace time:
+
+  - compiled with :data:`CPU_COMPILER_OPTIONS` (what the attacks do on CPU; :func:`cpu_jit` for your own
+    functions), lone convolutions go to Eigen (multi-threaded, no slow path) while graphs rooted in a dot,
+    such as a whole network's forward pass, stay on YNNPACK; the forward-for-VJP is then the native
+    convolution. Per compilation (``jax.jit(..., compiler_options=...)``), not process-wide.
+  - otherwise, on CPU, the forward-for-VJP pads one extra row on top of the first spatial dimension and
+    drops the first output row (:func:`_conv_cpu`): a few percent more FLOPs, about 4x less time.
+
+  Other platforms use the plain convolution throughout (``lax.platform_dependent``).
 * The input gradient of a stride-1 convolution is itself a convolution: with the forward
   ``y = conv(x, W)`` and padding ``(lo, hi)`` per spatial dimension,
 
@@ -35,7 +38,9 @@ Why (measured on the project's 2-core x86-64 machine, jaxlib 0.10.2; see BENCHMA
 * Non-overlapping max pooling (window = stride, no padding) gets a VJP that scatters the cotangent to the
   first maximum of each window, in row-major window order, exactly like XLA's ``select_and_scatter``
   (the transpose JAX uses for ``lax.reduce_window`` max), but as one fused elementwise pass: XLA:CPU's
-  ``select_and_scatter`` costs about as much as a forward pass of the whole MNIST classifier.
+  ``select_and_scatter`` costs about as much as a forward pass of the whole MNIST classifier. Its
+  forward-for-VJP takes the maximum of the window positions' strided views (XLA:CPU's reduction over
+  reshaped window axes is about 4x slower); the undifferentiated forward is the native ``reduce_window``.
 
 Every other configuration (strides, dilations, feature groups, overlapping or padded pools) falls back to the
 native ``lax`` operation, so the functions here are drop-in replacements.
@@ -43,17 +48,89 @@ native ``lax`` operation, so the functions here are drop-in replacements.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import itertools
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["Conv", "conv_general_dilated", "max_pool", "fast_conv_supported"]
+__all__ = ["Conv", "conv_general_dilated", "max_pool", "fast_conv_supported", "CPU_COMPILER_OPTIONS",
+           "cpu_compiler_options", "lone_convolutions_on_eigen", "cpu_jit"]
 
+
+# ------------------------------------------------------------------------------- XLA:CPU compilation options
+
+#: XLA:CPU options for computations that differentiate through convolutions: YNNPACK keeps only the fusions
+#: rooted in a dot (a whole network's forward pass stays one fused graph), and convolutions that stand alone
+#: go to Eigen, which is multi-threaded and has no slow all-zero-padding path. Measured on the MNIST
+#: classifier, batch 100, 2-core CPU: the input gradient costs about 30 ms instead of 40 ms, the forward pass
+#: is unchanged (BENCHMARKS.md).
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+
+_LONE_CONVOLUTIONS_ON_EIGEN = contextvars.ContextVar("lone_convolutions_on_eigen", default=False)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_compiler_options() -> dict[str, str] | None:
+    """:data:`CPU_COMPILER_OPTIONS` if this jaxlib's CPU compiler accepts them (checked once), else None."""
+    try:
+        cpu = jax.devices("cpu")[0]
+        jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(
+            jax.ShapeDtypeStruct((1,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(cpu))).compile()
+    except Exception:  # noqa: BLE001 - an option this jaxlib does not know: compile with its defaults
+        return None
+    return dict(CPU_COMPILER_OPTIONS)
+
+
+@contextlib.contextmanager
+def lone_convolutions_on_eigen(enabled: bool = True):
+    """Trace-time promise that the computation being traced compiles with :func:`cpu_compiler_options`.
+
+    Inside it, :func:`conv_general_dilated` differentiates through the native convolution (fast on Eigen)
+    instead of the padded CPU form (fast on YNNPACK). Values are the same either way; only speed differs.
+    The choice is made when a call is traced: a jitted function traced earlier outside the context keeps
+    the form of that trace (``jax.jit`` caches it).
+    """
+    token = _LONE_CONVOLUTIONS_ON_EIGEN.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _LONE_CONVOLUTIONS_ON_EIGEN.reset(token)
+
+
+def cpu_jit(fn: Callable[..., Any], *, platform: str | None = None, **jit_kwargs) -> Callable[..., Any]:
+    """``jax.jit(fn, **jit_kwargs)``, compiled with :func:`cpu_compiler_options` when it runs on CPU.
+
+    ``platform`` defaults to ``jax.default_backend()``. On CPU (and when this jaxlib accepts the options)
+    ``fn`` is traced inside :func:`lone_convolutions_on_eigen` and compiled with the options; elsewhere this
+    is plain ``jax.jit``. Use it for functions that take input gradients through convolutions.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from magnet_mi_jax.models import MnistClassifier
+      >>> model = MnistClassifier()
+      >>> params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+      >>> grad = cpu_jit(jax.grad(lambda x: model.apply(params, x).sum()))
+      >>> grad(jnp.full((2, 28, 28, 1), 0.5)).shape
+      (2, 28, 28, 1)
+    """
+    options = cpu_compiler_options() if (platform or jax.default_backend()) == "cpu" else None
+    if options is None:
+        return jax.jit(fn, **jit_kwargs)
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with lone_convolutions_on_eigen():
+            return fn(*args, **kwargs)
+    return jax.jit(traced, compiler_options=options, **jit_kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ convolution
 
 def _normalize(lhs_shape, rhs_shape, window_strides, padding, dimension_numbers):
     """Explicit ``((lo, hi), ...)`` padding and ``ConvDimensionNumbers`` for operands of the given shapes."""
@@ -99,7 +176,11 @@ def _conv_cpu(lhs, rhs, padding, dn, precision):
     return lax.slice_in_dim(out, 1, None, axis=dn.out_spec[2])
 
 
-def _conv_impl(lhs, rhs, padding, dn, precision):
+def _conv_impl(lhs, rhs, padding, dn, precision, cpu_pad: bool = True):
+    """The convolution of the forward-for-VJP and of the input gradient: on CPU the padded form of
+    :func:`_conv_cpu` unless ``cpu_pad`` is False (lone convolutions on Eigen), elsewhere native."""
+    if not cpu_pad:
+        return _conv_native(lhs, rhs, padding, dn, precision)
     return lax.platform_dependent(
         lhs, rhs,
         cpu=functools.partial(_conv_cpu, padding=padding, dn=dn, precision=precision),
@@ -138,21 +219,21 @@ def _input_gradient_col(g, w, x_shape, padding, precision):
     return dx
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _fast_conv(lhs, rhs, padding, dn, precision):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _fast_conv(lhs, rhs, padding, dn, precision, cpu_pad):
     # Not differentiated: the native convolution. XLA:CPU fuses a network's native convolutions, bias adds,
     # ReLUs, pools and dots into one YNNPACK graph, which runs fast even with all-zero padding (the MNIST
     # classifier's forward: 8 ms against 18 ms through the padded form, whose row-dropping slice splits
     # that graph; BENCHMARKS.md). Under differentiation the residuals split the graph anyway, so
-    # ``_fast_conv_fwd`` takes the padded form.
+    # ``_fast_conv_fwd`` takes the padded form, unless lone convolutions run on Eigen (``cpu_pad`` False).
     return _conv_native(lhs, rhs, padding, dn, precision)
 
 
-def _fast_conv_fwd(lhs, rhs, padding, dn, precision):
-    return _conv_impl(lhs, rhs, padding, dn, precision), (lhs, rhs)
+def _fast_conv_fwd(lhs, rhs, padding, dn, precision, cpu_pad):
+    return _conv_impl(lhs, rhs, padding, dn, precision, cpu_pad), (lhs, rhs)
 
 
-def _fast_conv_bwd(padding, dn, precision, res, g):
+def _fast_conv_bwd(padding, dn, precision, cpu_pad, res, g):
     lhs, rhs = res
     spatial = dn.rhs_spec[2:]
     k = [rhs.shape[d] for d in spatial]
@@ -165,7 +246,7 @@ def _fast_conv_bwd(padding, dn, precision, res, g):
         w_t = jnp.swapaxes(lax.rev(rhs, spatial), dn.rhs_spec[0], dn.rhs_spec[1])
         dn_t = lax.ConvDimensionNumbers(lhs_spec=dn.out_spec, rhs_spec=dn.rhs_spec, out_spec=dn.lhs_spec)
         pad_t = tuple((kk - 1 - lo, kk - 1 - hi) for kk, (lo, hi) in zip(k, padding))
-        dx = _conv_impl(g, w_t, pad_t, dn_t, precision)
+        dx = _conv_impl(g, w_t, pad_t, dn_t, precision, cpu_pad)
     # The kernel gradient is JAX's own transpose rule: bit-for-bit what nn.Conv gives.
     _, vjp_w = jax.vjp(lambda w: _conv_native(lhs, w, padding, dn, precision), rhs)
     (dw,) = vjp_w(g)
@@ -183,7 +264,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     Same signature and result as ``lax.conv_general_dilated``. Where :func:`fast_conv_supported` holds, the
     forward avoids XLA:CPU's slow zero-padding path and the input gradient is the explicit convolution
     ``conv(dL/dy, rev(W)^T)`` (module docstring); the kernel gradient is JAX's own. Otherwise it *is*
-    ``lax.conv_general_dilated``.
+    ``lax.conv_general_dilated``. Which CPU form the forward-for-VJP takes is fixed when the call is traced
+    (:func:`lone_convolutions_on_eigen`).
 
     Example:
       >>> import jax.numpy as jnp
@@ -200,7 +282,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     pads, dn = _normalize(lhs.shape, rhs.shape, window_strides, padding, dimension_numbers)
     if isinstance(precision, list):
         precision = tuple(precision)
-    return _fast_conv(lhs, rhs, pads, dn, precision)
+    return _fast_conv(lhs, rhs, pads, dn, precision, not _LONE_CONVOLUTIONS_ON_EIGEN.get())
 
 
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
@@ -224,13 +306,28 @@ def _pool_reshape(x, window):
     return x.reshape(shape).max(axis=tuple(axes)), shape, tuple(axes)
 
 
+def _pool_strided(x, window):
+    """The same pool as the maximum of each window position's strided view, one pooled axis at a time.
+
+    XLA:CPU runs this elementwise form about 4x faster than its reduction over reshaped window axes
+    (MNIST's 2x2 pool of (100, 24, 24, 32): 0.15 vs 0.78 ms with the ReLU before it).
+    """
+    for axis, w in enumerate(window):
+        if w == 1:
+            continue
+        r = x.reshape(x.shape[:axis] + (x.shape[axis] // w, w) + x.shape[axis + 1:])
+        x = functools.reduce(jnp.maximum, [lax.index_in_dim(r, i, axis + 1, keepdims=False) for i in range(w)])
+    return x
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _fast_pool(x, window):
-    return _pool_reshape(x, window)[0]
+    # Not differentiated: the native reduce_window, which XLA:CPU fuses into a network's YNNPACK graph.
+    return _pool_native(x, window, window, "VALID")
 
 
 def _fast_pool_fwd(x, window):
-    y, _, _ = _pool_reshape(x, window)
+    y = _pool_strided(x, window)
     return y, (x, y)
 
 
