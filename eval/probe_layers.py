@@ -6,14 +6,19 @@ Times (milliseconds per call, the minimum over ``--repeats`` calls after a warm-
 inputs, random values) each problem the custom layers fix, natively (``lax``, JAX's own transpose rules)
 and with this package's layers:
 
-1. the forward of MagNet's second MNIST convolution, (B, 26, 26, 32) -> (B, 24, 24, 32): ``"VALID"`` natively,
-   the same with padding (1, 1) natively (more FLOPs), and :func:`~magnet_mi_jax.models.layers.conv_general_dilated`
-   (``"VALID"`` computed with one extra padded row on CPU);
+1. the forward of MagNet's second MNIST convolution standing alone, (B, 26, 26, 32) -> (B, 24, 24, 32):
+   ``"VALID"`` natively, the same with padding (1, 1) natively (more FLOPs), ``"VALID"`` computed with one
+   extra padded row (the form :func:`~magnet_mi_jax.models.layers.conv_general_dilated` differentiates
+   through on CPU under default compilation), and ``"VALID"`` natively compiled by
+   :func:`~magnet_mi_jax.models.layers.cpu_jit` (lone convolutions on Eigen);
 2. the input gradient of the first convolution (one input channel), (B, 28, 28, 1) -> (B, 26, 26, 32): JAX's
    transpose vs the custom VJP (matmul + col2im);
-3. the gradient of a 2x2 max pool of (B, 24, 24, 32): ``select_and_scatter`` vs the fused custom VJP;
+3. the gradient of a 2x2 max pool of (B, 24, 24, 32): ``select_and_scatter`` vs the fused custom VJP, and
+   the forward of ReLU + that pool as ``reduce_window``, as a reduction over reshaped window axes, and as the
+   maximum of the window positions' strided views (the custom VJP's forward rule);
 4. the whole classifier's input gradient inside a ``lax.fori_loop`` of 10 steps (per step): the plain network
-   (native convolutions and pools) vs the same function through :func:`~magnet_mi_jax.attacks.fast_vjp`;
+   (native convolutions and pools) vs the same function through :func:`~magnet_mi_jax.attacks.fast_vjp`,
+   compiled by ``jax.jit`` and by :func:`~magnet_mi_jax.models.layers.cpu_jit`;
    beside it the forward pass alone, of the plain network and of :class:`~magnet_mi_jax.models.MnistClassifier`
    (this package's layers).
 
@@ -74,11 +79,17 @@ def probe(batch: int = 100, repeats: int = 20) -> dict[str, dict[str, float]]:
     w32 = jax.random.normal(keys[1], (3, 3, 32, 32)) * 0.1
     native = jax.jit(lambda x, w, pad: lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=DN),
                      static_argnums=2)
-    ours = jax.jit(lambda x, w: layers.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=DN))
+    # the padded-row form that layers.conv_general_dilated differentiates through on CPU (default compilation)
+    ours = jax.jit(lambda x, w: layers._conv_cpu(x, w, ((0, 0), (0, 0)), lax.conv_dimension_numbers(
+        x.shape, w.shape, DN), None))
     out["conv_forward_26x26x32"] = {
         "native_valid": _best_ms(lambda: native(x26, w32, "VALID"), repeats),
         "native_padding_1_1": _best_ms(lambda: native(x26, w32, ((1, 1), (1, 1))), repeats),
-        "layers_valid": _best_ms(lambda: ours(x26, w32), repeats)}
+        "layers_padded_row": _best_ms(lambda: ours(x26, w32), repeats)}
+    if jax.default_backend() == "cpu" and layers.cpu_compiler_options() is not None:
+        eigen = layers.cpu_jit(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=DN))
+        np.testing.assert_allclose(eigen(x26, w32), native(x26, w32, "VALID"), rtol=1e-4, atol=1e-4)
+        out["conv_forward_26x26x32"]["native_valid_cpu_jit"] = _best_ms(lambda: eigen(x26, w32), repeats)
 
     x28 = jax.random.uniform(keys[2], (batch, 28, 28, 1))
     w1 = jax.random.normal(keys[3], (3, 3, 1, 32)) * 0.1
@@ -97,11 +108,21 @@ def probe(batch: int = 100, repeats: int = 20) -> dict[str, dict[str, float]]:
 
     def pool_grad(pool):
         return jax.jit(lambda x, g: jax.grad(lambda x: jnp.sum(pool(x) * g))(x))
-    native_p = pool_grad(lambda x: lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"))
+    native_pool = lambda x: lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")  # noqa: E731
+    native_p = pool_grad(native_pool)
     ours_p = pool_grad(lambda x: layers.max_pool(x, (2, 2), (2, 2)))
     np.testing.assert_array_equal(ours_p(x24, g12), native_p(x24, g12))
     out["max_pool_gradient_24x24x32"] = {"native": _best_ms(lambda: native_p(x24, g12), repeats),
                                          "layers": _best_ms(lambda: ours_p(x24, g12), repeats)}
+    b32 = jax.random.normal(keys[1], (32,))
+    pools = {"native_reduce_window": native_pool,
+             "reshape_reduce": lambda x: x.reshape(x.shape[0], 12, 2, 12, 2, 32).max(axis=(2, 4)),
+             "layers_strided_views": lambda x: layers._pool_strided(x, (1, 2, 2, 1))}
+    pools = {k: jax.jit(lambda x, b, f=f: f(jax.nn.relu(x + b))) for k, f in pools.items()}
+    for f in pools.values():
+        np.testing.assert_array_equal(f(x24, b32), pools["native_reduce_window"](x24, b32))
+    out["relu_then_max_pool_forward_24x24x32"] = {k: _best_ms(lambda f=f: f(x24, b32), repeats)
+                                                  for k, f in pools.items()}
 
     params = MnistClassifier().init(jax.random.key(1), jnp.zeros((1, 28, 28, 1)))
     np.testing.assert_allclose(plain_mnist_classifier(params, x28), MnistClassifier().apply(params, x28),
@@ -112,12 +133,16 @@ def probe(batch: int = 100, repeats: int = 20) -> dict[str, dict[str, float]]:
         grad = jax.grad(lambda x, p: jnp.sum(fn(p, x)))
         return jax.jit(lambda x, p: lax.fori_loop(0, steps, lambda _, x: jnp.clip(x - 1e-3 * grad(x, p), 0, 1), x))
     native_l, fast_l = loop(plain_mnist_classifier), loop(fast_vjp(plain_mnist_classifier))
+    fast_cpu_jit_l = layers.cpu_jit(loop(fast_vjp(plain_mnist_classifier)))
     forward, module_forward = jax.jit(plain_mnist_classifier), jax.jit(MnistClassifier().apply)
+    np.testing.assert_allclose(fast_cpu_jit_l(x28, params), native_l(x28, params), rtol=1e-4, atol=1e-4)
+    loop_repeats = max(repeats // 4, 2)
     out["classifier_gradient_step_in_loop"] = {
         "forward": _best_ms(lambda: forward(params, x28), repeats),
         "forward_with_layers": _best_ms(lambda: module_forward(params, x28), repeats),
-        "native_per_step": _best_ms(lambda: native_l(x28, params), max(repeats // 4, 2)) / steps,
-        "fast_vjp_per_step": _best_ms(lambda: fast_l(x28, params), max(repeats // 4, 2)) / steps}
+        "native_per_step": _best_ms(lambda: native_l(x28, params), loop_repeats) / steps,
+        "fast_vjp_per_step": _best_ms(lambda: fast_l(x28, params), loop_repeats) / steps,
+        "fast_vjp_cpu_jit_per_step": _best_ms(lambda: fast_cpu_jit_l(x28, params), loop_repeats) / steps}
     return out
 
 

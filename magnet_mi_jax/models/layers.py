@@ -294,30 +294,38 @@ def _pool_native(x, window, strides, padding):
     return lax.reduce_window(x, -jnp.inf, lax.max, window, strides, padding)
 
 
-def _pool_reshape(x, window):
-    """Non-overlapping max pool of ``x`` (window = stride, sizes divisible) as a reshape and a reduction."""
+def _window_views(x, window):
+    """``x`` reshaped so that each pooled axis of size n splits into (n // w, w), and the strided view of
+    every window position, in row-major window order (non-overlapping windows, sizes divisible).
+
+    Returns:
+      ``(shape, axes, views)``: the split shape, the window axes in it, and the views, each of the pooled
+      shape.
+    """
     shape, axes = [], []
-    for d, (n, w) in enumerate(zip(x.shape, window)):
+    for n, w in zip(x.shape, window):
         if w == 1:
             shape.append(n)
         else:
             shape += [n // w, w]
             axes.append(len(shape) - 1)
-    return x.reshape(shape).max(axis=tuple(axes)), shape, tuple(axes)
+    xr = x.reshape(shape)
+    views = []
+    for pos in itertools.product(*(range(shape[a]) for a in axes)):
+        index = [slice(None)] * len(shape)
+        for a, i in zip(axes, pos):
+            index[a] = i
+        views.append(xr[tuple(index)])
+    return shape, tuple(axes), views
 
 
 def _pool_strided(x, window):
-    """The same pool as the maximum of each window position's strided view, one pooled axis at a time.
+    """The same pool as the maximum of the window positions' strided views, in one elementwise pass.
 
-    XLA:CPU runs this elementwise form about 4x faster than its reduction over reshaped window axes
-    (MNIST's 2x2 pool of (100, 24, 24, 32): 0.15 vs 0.78 ms with the ReLU before it).
+    XLA:CPU runs this about 4x faster than its reduction over reshaped window axes (MNIST's 2x2 pool of
+    (100, 24, 24, 32) with the ReLU before it: about 0.2 vs 0.8 ms).
     """
-    for axis, w in enumerate(window):
-        if w == 1:
-            continue
-        r = x.reshape(x.shape[:axis] + (x.shape[axis] // w, w) + x.shape[axis + 1:])
-        x = functools.reduce(jnp.maximum, [lax.index_in_dim(r, i, axis + 1, keepdims=False) for i in range(w)])
-    return x
+    return functools.reduce(jnp.maximum, _window_views(x, window)[2])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -333,19 +341,15 @@ def _fast_pool_fwd(x, window):
 
 def _fast_pool_bwd(window, res, g):
     x, y = res
-    _, shape, axes = _pool_reshape(x, window)
-    xr = x.reshape(shape)
+    shape, axes, views = _window_views(x, window)
     sizes = [shape[a] for a in axes]
     # The cotangent goes to the first maximum of each window in row-major window order (as XLA's
     # select_and_scatter): visit the window positions in that order, each taking g where it holds the max and
     # no earlier position did. One fused elementwise pass; no reduction, no scatter.
     taken = jnp.zeros(y.shape, bool)
     parts = []
-    for pos in itertools.product(*(range(s) for s in sizes)):
-        index = [slice(None)] * len(shape)
-        for a, i in zip(axes, pos):
-            index[a] = i
-        hit = (xr[tuple(index)] == y) & ~taken
+    for view in views:
+        hit = (view == y) & ~taken
         parts.append(jnp.where(hit, g, jnp.zeros((), g.dtype)))
         taken = taken | hit
     stacked = jnp.stack(parts).reshape(tuple(sizes) + y.shape)
