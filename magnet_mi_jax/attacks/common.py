@@ -24,6 +24,8 @@ from jax import lax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from magnet_mi_jax.models import layers
+
 #: c's upper bound before any success; the search multiplies c by 10 while ``upper >= UPPER_UNSET``.
 UPPER_INIT = 1e10
 UPPER_UNSET = 1e9
@@ -275,15 +277,13 @@ class platform_jit:  # noqa: N801 - used as a decorator, like jax.jit
     """
 
     def __init__(self, fn: Callable, static_argnames: Sequence[str] = ()):
-        from magnet_mi_jax.models import layers
-        self._fn, self._static_argnames, self._jits, self._layers = fn, tuple(static_argnames), {}, layers
+        self._fn, self._static_argnames, self._jits = fn, tuple(static_argnames), {}
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args, platform: str | None = None, **kwargs):
         platform = platform or jax.default_backend()
         if platform not in self._jits:
-            self._jits[platform] = self._layers.cpu_jit(self._fn, platform=platform,
-                                                        static_argnames=self._static_argnames)
+            self._jits[platform] = layers.cpu_jit(self._fn, platform=platform, static_argnames=self._static_argnames)
         return self._jits[platform](*args, **kwargs)
 
     def _cache_size(self) -> int:

@@ -40,7 +40,8 @@ Why (measured on the project's 2-core x86-64 machine, jaxlib 0.10.2; see BENCHMA
   (the transpose JAX uses for ``lax.reduce_window`` max), but as one fused elementwise pass: XLA:CPU's
   ``select_and_scatter`` costs about as much as a forward pass of the whole MNIST classifier. Its
   forward-for-VJP takes the maximum of the window positions' strided views (XLA:CPU's reduction over
-  reshaped window axes is about 4x slower); the undifferentiated forward is the native ``reduce_window``.
+  reshaped window axes and its ``reduce_window`` are 3-4x slower); the undifferentiated forward is the
+  native ``reduce_window``, which XLA fuses into the network's graph.
 
 Every other configuration (strides, dilations, feature groups, overlapping or padded pools) falls back to the
 native ``lax`` operation, so the functions here are drop-in replacements.
@@ -222,10 +223,10 @@ def _input_gradient_col(g, w, x_shape, padding, precision):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _fast_conv(lhs, rhs, padding, dn, precision, cpu_pad):
     # Not differentiated: the native convolution. XLA:CPU fuses a network's native convolutions, bias adds,
-    # ReLUs, pools and dots into one YNNPACK graph, which runs fast even with all-zero padding (the MNIST
-    # classifier's forward: 8 ms against 18 ms through the padded form, whose row-dropping slice splits
-    # that graph; BENCHMARKS.md). Under differentiation the residuals split the graph anyway, so
-    # ``_fast_conv_fwd`` takes the padded form, unless lone convolutions run on Eigen (``cpu_pad`` False).
+    # ReLUs, pools and dots into one YNNPACK graph, which runs fast even with all-zero padding and which the
+    # padded form's row-dropping slice would split. Under differentiation the residuals split the graph
+    # anyway, so ``_fast_conv_fwd`` takes the padded form, unless lone convolutions run on Eigen (``cpu_pad``
+    # False).
     return _conv_native(lhs, rhs, padding, dn, precision)
 
 
@@ -322,8 +323,8 @@ def _window_views(x, window):
 def _pool_strided(x, window):
     """The same pool as the maximum of the window positions' strided views, in one elementwise pass.
 
-    XLA:CPU runs this about 4x faster than its reduction over reshaped window axes (MNIST's 2x2 pool of
-    (100, 24, 24, 32) with the ReLU before it: about 0.2 vs 0.8 ms).
+    XLA:CPU runs this 3-4x faster than its reduction over reshaped window axes or ``reduce_window`` (MNIST's
+    2x2 pool of (100, 24, 24, 32) with the ReLU before it: 0.14 vs 0.55 and 0.46 ms; BENCHMARKS.md).
     """
     return functools.reduce(jnp.maximum, _window_views(x, window)[2])
 
