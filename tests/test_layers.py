@@ -78,6 +78,19 @@ def test_undifferentiated_forward_is_the_native_convolution():
                                np.asarray(native(x, w, "VALID")), rtol=1e-5, atol=1e-5)
 
 
+def test_cpu_jit_is_plain_jit_off_cpu():
+    """For another platform cpu_jit neither sets compiler options nor traces for Eigen."""
+    seen = []
+
+    def fn(x):
+        seen.append(layers._LONE_CONVOLUTIONS_ON_EIGEN.get())
+        return x + 1
+    for platform, expected in (("gpu", False), ("cpu", layers.cpu_compiler_options() is not None)):
+        seen.clear()
+        layers.cpu_jit(fn, platform=platform).lower(jnp.zeros(3))
+        assert seen == [expected], platform
+
+
 def test_cpu_jit_sends_lone_convolutions_to_eigen_with_the_same_gradient():
     """layers.cpu_jit compiles with CPU_COMPILER_OPTIONS: the input gradient's convolutions leave YNNPACK
     (plain ``convolution`` ops, no ``ynn_fusion`` holding one), the forward pass stays one YNNPACK graph, and

@@ -1,0 +1,21 @@
+"""The runnable examples in the docstrings of the attack and layer modules run and print what they show."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import sys
+
+import pytest
+
+MODULES = ["magnet_mi_jax.attacks.common", "magnet_mi_jax.attacks.cw", "magnet_mi_jax.attacks.ead",
+           "magnet_mi_jax.attacks.fastvjp", "magnet_mi_jax.models.layers"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    importlib.import_module(name)
+    module = sys.modules[name]        # attacks.ead and attacks.cw are shadowed by the functions of that name
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0, f"{name} has no docstring examples"
+    assert result.failed == 0
