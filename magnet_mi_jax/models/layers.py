@@ -177,7 +177,7 @@ def _conv_cpu(lhs, rhs, padding, dn, precision):
     return lax.slice_in_dim(out, 1, None, axis=dn.out_spec[2])
 
 
-def _conv_impl(lhs, rhs, padding, dn, precision, cpu_pad: bool = True):
+def _conv_impl(lhs, rhs, padding, dn, precision, cpu_pad: bool):
     """The convolution of the forward-for-VJP and of the input gradient: on CPU the padded form of
     :func:`_conv_cpu` unless ``cpu_pad`` is False (lone convolutions on Eigen), elsewhere native."""
     if not cpu_pad:
