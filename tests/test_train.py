@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -157,3 +159,47 @@ def test_load_model_errors(tmp_path):
             f.write_bytes(b"garbage")
     with pytest.raises(checkpoint.CheckpointError, match="cannot restore"):
         checkpoint.load_model("mnist", "ae_ii", tmp_path)
+
+
+def test_fit_records_its_configuration_and_refuses_to_resume_another(tmp_path):
+    state0, update_fn, arrays = _toy_problem()
+    loop = trainer.LoopConfig(epochs=1, batch_size=8, seed=0, workdir=tmp_path / "w")
+    first = {"model": "toy", "seed": 0, "config": {"learning_rate": 0.2, "batch_size": 8}}
+    trainer.fit(loop, state0, update_fn, arrays, run_config=first)
+    assert (tmp_path / "w" / trainer.RUN_CONFIG_FILE).is_file()
+    # The same configuration resumes (here: it is already finished, and a longer run extends it).
+    done, _ = trainer.fit(dataclasses.replace(loop, epochs=2), state0, update_fn, arrays, run_config=first)
+    assert int(done.step) == 16
+    other = {"model": "toy", "seed": 1, "config": {"learning_rate": 0.05, "batch_size": 8}}
+    with pytest.raises(trainer.RunConfigError) as err:
+        trainer.fit(dataclasses.replace(loop, epochs=2), state0, update_fn, arrays, run_config=other)
+    message = str(err.value)
+    assert "seed: 0 in the folder, 1 now" in message
+    assert "config.learning_rate: 0.2 in the folder, 0.05 now" in message
+    assert "batch_size" not in message and "--fresh" in message
+
+
+def test_fit_refuses_unrecorded_checkpoints_and_a_run_past_the_requested_length(tmp_path):
+    state0, update_fn, arrays = _toy_problem()
+    loop = trainer.LoopConfig(epochs=2, batch_size=8, seed=0, workdir=tmp_path / "w")
+    trainer.fit(loop, state0, update_fn, arrays)                    # no record: an older version's folder
+    with pytest.raises(trainer.RunConfigError, match="no run_config.json"):
+        trainer.fit(loop, state0, update_fn, arrays, run_config={"seed": 0})
+    with pytest.raises(trainer.RunConfigError, match="step 16, past the 8 steps of 1 epochs"):
+        trainer.fit(dataclasses.replace(loop, epochs=1), state0, update_fn, arrays)
+
+
+@pytest.mark.slow
+def test_autoencoder_entry_point_refuses_another_configuration_and_fresh_restarts(tmp_path, data_dir):
+    args = ["--dataset", "mnist", "--which", "ae_ii", "--data-dir", str(data_dir), "--train-limit", "512",
+            "--batch-size", "64", "--epochs", "1", "--workdir", str(tmp_path / "w")]
+    first = autoencoder.main([*args, "--checkpoints", str(tmp_path / "c1")])
+    with pytest.raises(trainer.RunConfigError, match=r"(?s)config\.learning_rate: 0\.01 in the folder, 0\.05 now.*"
+                                                     r"seed: 0 in the folder, 1 now"):
+        autoencoder.main([*args, "--seed", "1", "--lr", "0.05", "--checkpoints", str(tmp_path / "c2")])
+    assert not (tmp_path / "c2").exists()
+    fresh = autoencoder.main([*args, "--seed", "1", "--lr", "0.05", "--checkpoints", str(tmp_path / "c2"),
+                              "--fresh"])
+    assert fresh["test_mse"] != first["test_mse"]
+    _, _, meta = checkpoint.load_model("mnist", "ae_ii", tmp_path / "c2")
+    assert meta["seed"] == 1 and meta["config"]["learning_rate"] == 0.05

@@ -92,9 +92,12 @@ def main(argv: list[str] | None = None) -> dict:
     update_fn = trainer.make_update_fn(make_loss_fn(module, config), tx)
     loop = trainer.LoopConfig(epochs=config.epochs, batch_size=config.batch_size, seed=args.seed,
                               workdir=common.workdir(args, args.which))
+    # The cosine schedule spans the whole run, so its length is part of the configuration.
+    resumable = () if config.cosine_decay else ("epochs",)
     state, history = trainer.fit(loop, state, update_fn, {"image": ds.train_x},
                                  lambda p: reconstruction_errors(module, p, ds.val_x),
-                                 desc=f"{args.dataset} {args.which}")
+                                 desc=f"{args.dataset} {args.which}",
+                                 run_config=common.run_config(args, args.which, config, ds, resumable))
     test = reconstruction_errors(module, state.params, ds.test_x)
     metrics = {"test_mse": test["mse"], "test_mae": test["mae"],
                "train_seconds": float(np.sum([h["seconds"] for h in history])) if history else None}

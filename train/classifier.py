@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
     loop = trainer.LoopConfig(epochs=config.epochs, batch_size=config.batch_size, seed=args.seed,
                               workdir=common.workdir(args, "classifier"))
     state, history = trainer.fit(loop, state, update_fn, {"image": ds.train_x, "label": ds.train_y},
-                                 evaluate, desc=f"{args.dataset} classifier")
+                                 evaluate, desc=f"{args.dataset} classifier",
+                                 run_config=common.run_config(args, "classifier", config, ds))
     metrics = {
         "test_accuracy": common.accuracy(logits_of(state.params, ds.test_x), ds.test_y),
         "val_accuracy": evaluate(state.params)["accuracy"],

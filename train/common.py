@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import numpy as np
 
 from magnet_mi_jax import checkpoint, data
 from magnet_mi_jax.utils import device_description, git_commit
+from train import trainer
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -31,6 +33,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                         help="resumable run state (default: workdirs/<dataset>/<model>); rerun to resume")
     parser.add_argument("--checkpoints", default=None,
                         help="where the trained weights are exported (default: the repository's checkpoints/)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="discard the run state in --workdir and start from scratch (default: resume it, "
+                             "which is refused if it was started with another configuration)")
     return parser
 
 
@@ -49,7 +54,29 @@ def load_data(args: argparse.Namespace) -> data.Dataset:
 
 
 def workdir(args: argparse.Namespace, name: str) -> Path:
-    return Path(args.workdir) if args.workdir else Path("workdirs") / args.dataset / name
+    """The run's work folder; emptied first with ``--fresh``."""
+    path = Path(args.workdir) if args.workdir else Path("workdirs") / args.dataset / name
+    if getattr(args, "fresh", False) and path.exists():
+        for entry in ("checkpoints", "history.jsonl", trainer.RUN_CONFIG_FILE):
+            target = path / entry
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        print(f"--fresh: discarded the run state in {path}")
+    return path
+
+
+def run_config(args: argparse.Namespace, name: str, config, ds: data.Dataset,
+               resumable_fields: tuple[str, ...] = ("epochs",)) -> dict[str, Any]:
+    """What determines a training run, for :func:`train.trainer.check_run_config`.
+
+    ``resumable_fields`` of ``config`` may change between invocations (by default the epoch count, which
+    extends or finishes a run when nothing else depends on it).
+    """
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in resumable_fields}
+    return {"model": f"{args.dataset}/{name}", "seed": args.seed, "train_limit": args.train_limit,
+            "data_source": ds.source, "data_md5": ds.md5, "config": fields}
 
 
 def command_line(argv: list[str] | None, module: str) -> str:

@@ -175,7 +175,9 @@ def main(argv: list[str] | None = None) -> dict:
     loop = trainer.LoopConfig(epochs=config.epochs, batch_size=config.batch_size, seed=args.seed,
                               workdir=common.workdir(args, "generator"))
     state, history = trainer.fit(loop, state, update_fn, {"image": ds.train_x, "label": ds.train_y},
-                                 evaluate, desc=f"{args.dataset} generator")
+                                 evaluate, desc=f"{args.dataset} generator",
+                                 run_config=common.run_config(args, "generator", config, ds,
+                                                              ("epochs", "eval_images")))
     final = averaged(state.params)
     test = measure(module, final, ds.test_x[:n_eval], ds.test_y[:n_eval], classify)
     for key in ("conditional_accuracy", "conditional_accuracy_per_class", "reconstruction_accuracy"):
