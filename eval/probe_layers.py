@@ -1,6 +1,6 @@
 """Where an attack iteration's time goes on this backend: the layer-level figures behind ``models/layers.py``.
 
-    python -m eval.probe_layers [--batch 100] [--repeats 20] [--json PATH]
+    python -m eval.probe_layers [--batch 100] [--repeats 20] [--json PATH] [--train-step]
 
 Times (milliseconds per call, the minimum over ``--repeats`` calls after a warm-up; batch of MNIST-shaped
 inputs, random values) each problem the custom layers fix, natively (``lax``, JAX's own transpose rules)
@@ -21,6 +21,11 @@ and with this package's layers:
    compiled by ``jax.jit`` and by :func:`~magnet_mi_jax.models.layers.cpu_jit`;
    beside it the forward pass alone, of the plain network and of :class:`~magnet_mi_jax.models.MnistClassifier`
    (this package's layers).
+
+5. a training step of :class:`~magnet_mi_jax.models.MnistClassifier` as ``train.trainer`` runs it (SGD with
+   Nesterov momentum, dropout, cross-entropy; batch 128 whatever ``--batch`` says, MagNet's batch size),
+   compiled by ``jax.jit`` and by :func:`~magnet_mi_jax.models.layers.cpu_jit` (what the trainer uses).
+   ``--train-step`` times only this problem.
 
 The plain network of 4. is MagNet's MNIST classifier written with ``lax`` primitives only; it is checked to
 give the same logits as :class:`~magnet_mi_jax.models.MnistClassifier` on the same (random) parameters.
@@ -146,6 +151,34 @@ def probe(batch: int = 100, repeats: int = 20) -> dict[str, dict[str, float]]:
     return out
 
 
+def probe_train_step(repeats: int = 20, batch: int = 128) -> dict[str, dict[str, float]]:
+    """Problem 5: one MNIST classifier training step, ``jax.jit`` vs ``cpu_jit`` (ms per step)."""
+    import optax
+
+    from train import classifier, trainer
+    module = MnistClassifier()
+    config = classifier.CONFIGS["mnist"]
+    tx = classifier.optimizer(config)
+    params = module.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key(1))
+    rng = np.random.default_rng(0)
+    batch_ = {"image": jnp.asarray(rng.random((batch, 28, 28, 1), np.float32)),
+              "label": jnp.asarray(rng.integers(0, 10, batch), jnp.int32)}
+    loss_fn = classifier.make_loss_fn(module, config, (28, 28, 1))
+
+    def step(state, b):
+        key = jax.random.fold_in(state.key, state.step)
+        grads, _ = jax.grad(loss_fn, has_aux=True)(state.params, b, key)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return trainer.TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state, state.key)
+
+    steps = {"jit": jax.jit(step), "cpu_jit": layers.cpu_jit(step)}
+    ref, fast = steps["jit"](state, batch_), steps["cpu_jit"](state, batch_)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), ref.params, fast.params)
+    return {"classifier_training_step": {f"{name}_batch{batch}": _best_ms(lambda f=f: f(state, batch_), repeats)
+                                         for name, f in steps.items()}}
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     lines = [f"## Layer probe: batch {report['batch']}, best of {report['repeats']} calls", "",
              f"Device {report['device']}, load average {report['loadavg_start'][0]:.2f} -> "
@@ -161,10 +194,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--train-step", action="store_true", help="time only the training step (problem 5)")
     args = parser.parse_args(argv)
     load_start = os.getloadavg()
+    results = {} if args.train_step else probe(args.batch, args.repeats)
+    results.update(probe_train_step(args.repeats))
     report = {"batch": args.batch, "repeats": args.repeats, "device": device_description(), "jax": jax.__version__,
-              "loadavg_start": load_start, "probe": probe(args.batch, args.repeats),
+              "loadavg_start": load_start, "probe": results,
               "loadavg_end": os.getloadavg(), "git_commit": git_commit()}
     sys.stdout.write(to_markdown(report))
     if args.json:

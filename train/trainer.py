@@ -58,8 +58,9 @@ def make_update_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation):
 
     ``loss_fn(params, batch, key) -> (loss, metrics)`` is differentiated w.r.t. ``params``. Compiled with
     :func:`~magnet_mi_jax.models.layers.cpu_jit`: on CPU the convolutions that stand alone under
-    differentiation run on Eigen (multi-threaded) instead of single-threaded YNNPACK, which halves the MNIST
-    classifier's training step on 2 cores (``python -m eval.probe_layers --train-step``); elsewhere plain jit.
+    differentiation run on Eigen (multi-threaded) instead of single-threaded YNNPACK, which makes the MNIST
+    classifier's training step 1.5-2.5x faster on 2 cores (BENCHMARKS.md; ``python -m eval.probe_layers
+    --train-step``); elsewhere plain jit.
     """
 
     @cpu_jit
