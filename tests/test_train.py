@@ -118,12 +118,35 @@ def test_classifier_entry_point_resumes_and_exports(tmp_path, data_dir):
 @pytest.mark.slow
 def test_autoencoder_entry_point_lowers_reconstruction_error(tmp_path, data_dir):
     args = ["--dataset", "mnist", "--which", "ae_ii", "--data-dir", str(data_dir), "--train-limit", "4096",
-            "--batch-size", "32", "--workdir", str(tmp_path / "w"), "--checkpoints", str(tmp_path / "c")]
+            "--batch-size", "32", "--workdir", str(tmp_path / "w"), "--checkpoints", str(tmp_path / "c"),
+            "--variant", "cosine"]
     metrics = autoencoder.main([*args, "--epochs", "1"])
     # The untrained sigmoid AE outputs ~0.5 everywhere: MSE ~ 0.2 on MNIST. Training must beat "output the mean".
     assert metrics["test_mse"] < 0.09
     module, params, meta = checkpoint.load_model("mnist", "ae_ii", tmp_path / "c")
-    assert meta["config"]["noise_sigma"] == 0.1
+    assert meta["config"]["noise_sigma"] == 0.1 and meta["metrics"]["variant"] == "cosine"
+    assert meta["config"]["noise"] == "fresh" and meta["config"]["cosine_decay"] is True
+
+
+def test_autoencoder_default_is_magnets_recipe_with_noise_drawn_once():
+    config = autoencoder.CONFIGS["mnist"]
+    assert (config.learning_rate, config.cosine_decay, config.noise, config.epochs, config.batch_size,
+            config.noise_sigma, config.activity_l2) == (1e-3, False, "fixed", 100, 256, 0.1, 1e-9)
+    x = np.random.default_rng(0).random((64, 28, 28, 1), np.float32)
+    noisy = autoencoder.fixed_noisy_copy(x, 0.1, seed=0)
+    np.testing.assert_array_equal(noisy, autoencoder.fixed_noisy_copy(x, 0.1, seed=0))      # one draw per seed
+    assert not np.array_equal(noisy, autoencoder.fixed_noisy_copy(x, 0.1, seed=1))
+    assert noisy.min() >= 0.0 and noisy.max() <= 1.0 and noisy.dtype == np.float32
+    inside = (noisy > 0) & (noisy < 1)
+    assert abs(float(np.std((noisy - x)[inside])) - 0.1) < 0.01                            # sigma, unclipped
+    # The fixed variant reads the stored noisy copy, whatever the step's key; the fresh one draws from the key.
+    module = mnist_ae_ii()
+    params = checkpoint.init_params(module, "mnist", jax.random.key(0))
+    batch = {"image": jnp.asarray(x[:8]), "noisy": jnp.asarray(noisy[:8])}
+    fixed = autoencoder.make_loss_fn(module, config)
+    fresh = autoencoder.make_loss_fn(module, autoencoder.VARIANTS["cosine"]("mnist"))
+    assert float(fixed(params, batch, jax.random.key(1))[0]) == float(fixed(params, batch, jax.random.key(2))[0])
+    assert float(fresh(params, batch, jax.random.key(1))[0]) != float(fresh(params, batch, jax.random.key(2))[0])
 
 
 def test_cifar_classifier_trains_a_few_steps(cifar10):
@@ -194,7 +217,7 @@ def test_autoencoder_entry_point_refuses_another_configuration_and_fresh_restart
     args = ["--dataset", "mnist", "--which", "ae_ii", "--data-dir", str(data_dir), "--train-limit", "512",
             "--batch-size", "64", "--epochs", "1", "--workdir", str(tmp_path / "w")]
     first = autoencoder.main([*args, "--checkpoints", str(tmp_path / "c1")])
-    with pytest.raises(trainer.RunConfigError, match=r"(?s)config\.learning_rate: 0\.01 in the folder, 0\.05 now.*"
+    with pytest.raises(trainer.RunConfigError, match=r"(?s)config\.learning_rate: 0\.001 in the folder, 0\.05 now.*"
                                                      r"seed: 0 in the folder, 1 now"):
         autoencoder.main([*args, "--seed", "1", "--lr", "0.05", "--checkpoints", str(tmp_path / "c2")])
     assert not (tmp_path / "c2").exists()
