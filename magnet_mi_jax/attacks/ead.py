@@ -9,8 +9,11 @@ f the margin loss of :mod:`~magnet_mi_jax.attacks.common`, by FISTA (ISTA as an 
 
     a_k     = lr * (1 - k / K)^(1/2)                               (step size, k = 0 .. K-1)
     x_{k+1} = S_beta(y_k - a_k * grad g(y_k))
-    y_{k+1} = x_{k+1} + k / (k + 3) * (x_{k+1} - x_k)               (ISTA: y_{k+1} = x_{k+1})
+    y_{k+1} = x_{k+1} + zeta_k * (x_{k+1} - x_k)                    (ISTA: y_{k+1} = x_{k+1})
     x_0 = y_0 = x0,
+
+    zeta_k  = (k + 1) / (k + 4)     momentum="reference" (default): what the EAD authors' code computes
+    zeta_k  = k / (k + 3)           momentum="textbook": the paper's FISTA (and Foolbox's, ART's)
 
     [S_beta(z)]_i = min(z_i - beta, 1)  if z_i - x0_i >  beta
                     x0_i                if |z_i - x0_i| <= beta
@@ -20,6 +23,12 @@ with the threshold ``beta`` itself (the reference code's choice, not ``a_k * bet
 judged with its own forward pass; among the successful ones the decision rule keeps the smallest
 ``||delta||_2^2 + beta ||delta||_1`` ("en") or ``||delta||_1`` ("l1"), over all search steps. The constant c
 is binary-searched per example (c0 = 1e-3, 9 steps); each search step restarts from x0 (and k = 0).
+
+Why two momenta: the reference implementation (ysharma1126/EAD-Attack, which the paper's evaluation ran)
+increments TensorFlow's ``global_step`` inside the gradient step and reads it afterwards for the momentum, so
+its k-th momentum is ``(k+1)/(k+4)`` (1/4 at the first iteration, where the textbook has 0) while its step
+size reads the counter before the increment. The default follows that code; the README reports the difference
+in distortion between the two.
 """
 
 from __future__ import annotations
@@ -37,6 +46,16 @@ from magnet_mi_jax.attacks.common import AttackResult
 
 RULES = ("en", "l1")
 METHODS = ("fista", "ista")
+MOMENTA = ("reference", "textbook")
+
+
+def momentum_coefficient(k: jax.Array, momentum: str) -> jax.Array:
+    """FISTA's zeta_k for iteration k = 0, 1, ...: ``(k+1)/(k+4)`` ("reference") or ``k/(k+3)`` ("textbook")."""
+    if momentum == "reference":
+        return (k + 1.0) / (k + 4.0)
+    if momentum == "textbook":
+        return k / (k + 3.0)
+    raise ValueError(f"momentum must be one of {MOMENTA}; got {momentum!r}")
 
 
 def shrinkage(z: jax.Array, x0: jax.Array, beta) -> jax.Array:
@@ -74,9 +93,9 @@ def keep_best(best_score, best_adv, best_const, candidate, score, success, const
 
 @functools.partial(common.platform_jit,
                    static_argnames=("logits_fn", "has_params", "rules", "iterations", "search_steps", "abort_early",
-                                    "targeted", "method", "fast"))
+                                    "targeted", "method", "momentum", "fast"))
 def _ead_core(params, x0, labels, kappa, const, beta, learning_rate, *, logits_fn, has_params, rules,
-              iterations, search_steps, abort_early, targeted, method, fast) -> tuple[AttackResult, ...]:
+              iterations, search_steps, abort_early, targeted, method, fast, momentum="reference") -> tuple[AttackResult, ...]:
     """One result per decision rule in ``rules``: the iterates (and the binary search) do not depend on it."""
     logits = common.bind_logits(logits_fn, params, has_params, fast)
     axes = tuple(range(1, x0.ndim))
@@ -100,7 +119,7 @@ def _ead_core(params, x0, labels, kappa, const, beta, learning_rate, *, logits_f
             step = learning_rate * jnp.sqrt(1.0 - kf / iterations)
             x_new = shrinkage(y - step * grad_g(y, c), x0, beta)
             if method == "fista":
-                y_new = x_new + (kf / (kf + 3.0)) * (x_new - x)
+                y_new = x_new + momentum_coefficient(kf, momentum) * (x_new - x)
             else:
                 y_new = x_new
             if abort_early:
@@ -133,7 +152,8 @@ def _ead_core(params, x0, labels, kappa, const, beta, learning_rate, *, logits_f
 
 def ead(logits_fn: Callable, x0, labels, *, params: Any = None, kappa=0.0, const=1e-3, beta: float = 1e-2,
         rule: str | Sequence[str] = "en", learning_rate: float = 1e-2, iterations: int = 1000, search_steps: int = 9,
-        abort_early: bool = False, targeted: bool = False, method: str = "fista", fast_vjp: bool = True,
+        abort_early: bool = False, targeted: bool = False, method: str = "fista", momentum: str = "reference",
+        fast_vjp: bool = True,
         devices: Sequence[jax.Device] | None = None, check_range: bool = True) -> AttackResult:
     """EAD (elastic-net) attack on any classifier, as one jitted computation (equations: module docstring).
 
@@ -159,6 +179,8 @@ def ead(logits_fn: Callable, x0, labels, *, params: Any = None, kappa=0.0, const
         iterations (judged per example; the loop ends when every example has stopped). Default False.
       targeted: ``labels`` are targets.
       method: "fista" (default) or "ista".
+      momentum: FISTA's zeta_k: "reference" (default), ``(k+1)/(k+4)`` as the EAD authors' code computes it,
+        or "textbook", ``k/(k+3)`` (module docstring). Ignored by ISTA.
       fast_vjp: evaluate ``logits_fn`` through :func:`~magnet_mi_jax.attacks.fastvjp.fast_vjp` (same values,
         cheaper convolution/max-pool gradients on CPU).
       devices: devices to shard the batch over (data parallel); default all of ``jax.devices()``.
@@ -190,6 +212,8 @@ def ead(logits_fn: Callable, x0, labels, *, params: Any = None, kappa=0.0, const
         raise ValueError(f"rule must be one of {RULES} or a sequence of distinct ones; got {rule!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    if momentum not in MOMENTA:
+        raise ValueError(f"momentum must be one of {MOMENTA}; got {momentum!r}")
     if not beta >= 0:
         raise ValueError(f"beta must be >= 0; got {beta}")
     common.check_options(iterations, search_steps, learning_rate)
@@ -199,6 +223,6 @@ def ead(logits_fn: Callable, x0, labels, *, params: Any = None, kappa=0.0, const
     core = functools.partial(_ead_core, logits_fn=logits_fn, has_params=has_params, rules=rules,
                              iterations=int(iterations), search_steps=int(search_steps),
                              abort_early=bool(abort_early), targeted=bool(targeted), method=method,
-                             fast=bool(fast_vjp))
+                             momentum=momentum, fast=bool(fast_vjp))
     out = common.run_batched(core, params, x0, labels, kappa, const, (beta, learning_rate), grid, devices)
     return out[0] if isinstance(rule, str) else dict(zip(rules, out))
