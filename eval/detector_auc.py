@@ -335,6 +335,14 @@ def _tables_config(table: Mapping[str, Any]) -> tables.TablesConfig:
     return tables.TablesConfig(**{k: v for k, v in cfg.items() if k in fields})
 
 
+def _shard_from_name(name: str, config: tables.TablesConfig) -> tables.Shard:
+    """The :class:`~eval.tables.Shard` a file name ``<family>_kappa<k>_s<index>_<hash>.npz`` stands for."""
+    family, kappa, index, _ = name[:-len(".npz")].split("_")
+    i = int(index[1:])
+    start = i * config.shard_size
+    return tables.Shard(family, float(kappa[len("kappa"):]), i, start, min(start + config.shard_size, config.n_images))
+
+
 def load_cells(results: Path, table: Mapping[str, Any], ds: data.Dataset, classifier_params: Any,
                check_cache_key: bool = True) -> dict[tuple[str, float], dict[str, np.ndarray]]:
     """(attack, kappa) -> the cell's cached arrays (``adv``, ``success``, ...), in table.json's order.
@@ -346,25 +354,33 @@ def load_cells(results: Path, table: Mapping[str, Any], ds: data.Dataset, classi
     config = _tables_config(table)
     indices = np.asarray(table["indices"], np.int64)
     context = tables.cache_context(config.dataset, ds, indices, classifier_params)
+    by_name = {tables.shard_path(results / "cache", config, shard, context, indices).name: shard
+               for shard in tables.plan_shards(config)}
     cells = {}
     for key, row in table["cells"].items():
         attack, kappa = row["attack"], float(row["kappa"])
-        path = results / "cache" / row["cache"]
+        if "shards" not in row:
+            raise AnalysisError(f"cell {key}: {results / 'table.json'} was written by an older eval.tables (one cache "
+                                "file per cell, no shards); rerun that eval.tables command to rebuild it")
         if check_cache_key:
-            expected = tables.cache_path(results / "cache", config, attack, kappa, context).name
-            if expected != row["cache"]:
+            unknown = [name for name in row["shards"] if name not in by_name]
+            if unknown:
                 raise AnalysisError(
-                    f"cell {key}: its cache {row['cache']} was made for other classifier weights, data or settings "
-                    f"than those loaded (expected {expected}); pass the run's --checkpoints (or "
-                    "--no-check-cache-key to score anyway)")
-        try:
-            cell = tables.load_cell(path, len(indices), ds.image_shape)
-        except RuntimeError as err:
-            raise AnalysisError(f"cell {key}: {err}") from err
-        if cell is None:
-            raise AnalysisError(f"cell {key}: attack cache {path} is missing; rerun the same eval.tables command "
-                                "to recreate it")
-        cells[(attack, kappa)] = cell
+                    f"cell {key}: its shards {unknown} were made for other classifier weights, data or settings "
+                    "than those loaded; pass the run's --checkpoints (or --no-check-cache-key to score anyway)")
+        shards = []
+        for name in row["shards"]:
+            path = results / "cache" / name
+            shard = by_name.get(name) or _shard_from_name(name, config)
+            try:
+                loaded = tables.load_shard(path, shard, ds.image_shape)
+            except RuntimeError as err:
+                raise AnalysisError(f"cell {key}: {err}") from err
+            if loaded is None:
+                raise AnalysisError(f"cell {key}: attack shard {path} is missing; rerun the same eval.tables "
+                                    "command to recreate it")
+            shards.append(loaded)
+        cells[(attack, kappa)] = tables.assemble_cell(shards, attack)
     if not cells:
         raise AnalysisError(f"{results / 'table.json'} lists no attack cells")
     return cells

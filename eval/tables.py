@@ -17,13 +17,23 @@ Outputs in ``--out`` (default ``results/<dataset>/``, or ``results/<dataset>-qui
 ``table.json`` (per-cell metrics, clean accuracy, config, seed, selected-index hash, data md5s, git commit,
 device, wall time) and ``accuracy_vs_kappa.png``.
 
-Adversarial examples are cached in ``<out>/cache/`` as ``.npz`` files (read with ``allow_pickle=False``) keyed
-by (attack, kappa, a hash of everything that determines them), so an interrupted run resumes at the first
-missing cell and a rerun with the same config recomputes no attack.
+Adversarial examples are computed and cached as **shards**: one attack run (C&W-L2, or EAD, whose one run
+gives both decision rules) x one kappa x one slice of ``shard_size`` attacked images, written atomically as
+compressed ``.npz`` files (read with ``allow_pickle=False``) in ``<out>/cache/``, named by a hash of
+everything that determines them (every attack setting, the attack-code version, the data files, the shard's
+image indices, the classifier's weights) and by nothing else, so a fresh clone finds committed shards. A run
+resumes at the first missing shard, prints shards done / total with an ETA from the measured shard times,
+and writes the table once every shard exists (``--partial``: a clearly labelled table from the shards
+present). ``--worker I/N`` crafts only every N-th shard (from the I-th), so N processes can share one
+campaign; any of them assembles the table once the shards are all there.
 
-Expected runtime: ``--quick`` on MNIST about 30 minutes on a 2-core CPU (1,753 s measured: five C&W calls of
-9,000 iterations at about 4.7 min each; five EAD calls of 900 iterations, each giving both rules, at about
-45 s). The full MNIST protocol (18 attack calls x 1,000 images x 9,000 iterations) needs a GPU.
+Fidelity to the code the paper ran (recorded in ``table.json``'s config): C&W-L2 with abort-early on, as the
+C&W reference code runs it (judged per example here); EAD with abort-early off and FISTA's momentum
+``(k+1)/(k+4)`` as the EAD reference code computes it (``--ead-momentum textbook`` for ``k/(k+3)``).
+
+Expected runtime: ``--quick`` on MNIST about 30 minutes on a 2-core CPU. The full MNIST protocol is 180
+shards of 100 images (2 attack runs x 9 kappas x 10 slices): about 15-20 hours on a 2-core CPU, minutes on a
+GPU (there, ``--shard-size 1000 --kappas-per-call 0`` runs it in two calls).
 """
 
 from __future__ import annotations
@@ -37,6 +47,8 @@ import json
 import os
 import sys
 import time
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -48,15 +60,19 @@ from tqdm.auto import tqdm
 from magnet_mi_jax import attacks, checkpoint, data
 from magnet_mi_jax.detectors import (MAGNET_PRESETS, attack_accuracy, calibrate, clean_accuracy, decide,
                                      make_defense_fn, map_batches, mi_magnet, roc_auc)
+from magnet_mi_jax.attacks.ead import MOMENTA as EAD_MOMENTA
 from magnet_mi_jax.models import alpha_gan
 from magnet_mi_jax.utils import device_description, git_commit
 
 PAPER_DIR = Path(__file__).resolve().parent / "paper"
 ATTACKS = ("cw_l2", "ead_l1", "ead_en")
+EAD_RULES = {"ead_l1": "l1", "ead_en": "en"}
+ATTACK_FAMILIES = {"cw_l2": "cw", "ead_l1": "ead", "ead_en": "ead"}   # attack -> the run that produces it
+FAMILY_ATTACKS = {"cw": ("cw_l2",), "ead": ("ead_l1", "ead_en")}      # run -> every cell one run gives
 ATTACK_TITLES = {"cw_l2": "C&W-L2", "ead_l1": "EAD-L1", "ead_en": "EAD-EN"}
 DEFENSES = ("magnet", "mi_magnet")
 DEFENSE_TITLES = {"magnet": "MagNet", "mi_magnet": "MI-MagNet"}
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2     # 2: shards (attack run x kappa x image slice), compressed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,15 +89,19 @@ class TablesConfig:
     beta: float = 1e-2
     learning_rate: float = 1e-2
     seed: int = 0
-    attack_batch: int = 1000
+    shard_size: int = 100
     kappas_per_call: int = 1
     cw_iterations: int | None = None
+    cw_abort_early: bool = True          # the C&W reference code's default
+    ead_momentum: str = "reference"      # (k+1)/(k+4), as the EAD reference code computes it
     mi_reading: str = "literal"
     mi_temperature: float = 1.0
     quick: bool = False
 
     def __post_init__(self):
-        for name in ("n_images", "iterations", "search_steps", "attack_batch"):
+        if self.ead_momentum not in EAD_MOMENTA:
+            raise ValueError(f"ead_momentum must be one of {EAD_MOMENTA}, got {self.ead_momentum!r}")
+        for name in ("n_images", "iterations", "search_steps", "shard_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.cw_iterations is not None and self.cw_iterations < 1:
@@ -98,17 +118,35 @@ class TablesConfig:
         """Iterations per search step of ``attack`` (``cw_iterations`` overrides ``iterations`` for C&W)."""
         return self.cw_iterations if attack == "cw_l2" and self.cw_iterations is not None else self.iterations
 
-    def attack_settings(self, attack: str, kappa: float) -> dict[str, Any]:
-        """The settings one cell's adversarial examples depend on (hashed into its cache key).
+    def family_settings(self, family: str, kappa: float) -> dict[str, Any]:
+        """The settings one attack run's adversarial examples depend on (hashed into its shards' keys).
 
-        ``attack_batch`` and ``kappas_per_call`` are not among them: they only change how the work is split
-        into calls (every quantity of the attacks is per example)."""
-        settings = {"attack": attack, "kappa": float(kappa), "iterations": self.iterations_for(attack),
+        ``shard_size`` and ``kappas_per_call`` are not among them: they only change how the work is split into
+        calls (every quantity of the attacks is per example; a shard's key holds its own image indices)."""
+        settings = {"family": family, "kappa": float(kappa), "iterations": self.iterations_for(FAMILY_ATTACKS[family][0]),
                     "search_steps": self.search_steps, "initial_const": self.initial_const,
-                    "learning_rate": self.learning_rate}
-        if attack.startswith("ead"):
-            settings["beta"] = self.beta
+                    "learning_rate": self.learning_rate, "attack_version": attacks.ATTACK_VERSION}
+        if family == "ead":
+            settings.update(beta=self.beta, momentum=self.ead_momentum, method="fista", abort_early=False,
+                            rules=list(EAD_RULES.values()))
+        else:
+            settings.update(abort_early=self.cw_abort_early)
         return settings
+
+    def attack_settings(self, attack: str, kappa: float) -> dict[str, Any]:
+        """:meth:`family_settings` of the run that produces ``attack``'s cell."""
+        return self.family_settings(ATTACK_FAMILIES[attack], kappa)
+
+    def families(self) -> tuple[str, ...]:
+        """The attack runs this config needs, in table order."""
+        return tuple(dict.fromkeys(ATTACK_FAMILIES[a] for a in self.attacks))
+
+    def deviations(self) -> dict[str, tuple[Any, Any]]:
+        """Every attack-protocol setting that differs from the paper's (``FULL``): name -> (ours, paper's)."""
+        full = FULL[self.dataset]
+        names = ("n_images", "kappas", "iterations", "cw_iterations", "search_steps", "initial_const", "beta",
+                 "learning_rate", "cw_abort_early", "ead_momentum")
+        return {n: (getattr(self, n), getattr(full, n)) for n in names if getattr(self, n) != getattr(full, n)}
 
 
 FULL = {
@@ -226,96 +264,137 @@ def _train(dataset: str, name: str, checkpoints: str | None, data_dir: str | Non
 ATTACK_FIELDS = ("adv", "success", "l0", "l1", "l2", "linf", "const")
 
 
-def cache_path(cache_dir: Path, config: TablesConfig, attack: str, kappa: float, context: Mapping[str, str]) -> Path:
-    """``<cache>/<attack>_kappa<k>_<hash>.npz``; the hash covers the attack settings and ``context``
-    (dataset, selected indices, classifier weights, data files)."""
-    key = json.dumps({"format": CACHE_FORMAT, **config.attack_settings(attack, kappa), **context}, sort_keys=True)
-    return cache_dir / f"{attack}_kappa{kappa:g}_{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """One unit of work and of caching: attack run ``family`` at ``kappa`` on attacked images [start, stop)."""
+
+    family: str
+    kappa: float
+    index: int
+    start: int
+    stop: int
 
 
-def save_cell(path: Path, result: Mapping[str, np.ndarray]) -> None:
-    """Writes a cell atomically (temporary file, then rename): a crash never leaves a half-written cache."""
+def plan_shards(config: TablesConfig) -> list[Shard]:
+    """Every shard of the protocol, in the order they are crafted (attack run, kappa, image slice)."""
+    slices = [(i, s, min(s + config.shard_size, config.n_images))
+              for i, s in enumerate(range(0, config.n_images, config.shard_size))]
+    return [Shard(family, float(kappa), i, start, stop)
+            for family in config.families() for kappa in config.kappas for i, start, stop in slices]
+
+
+def shard_path(cache_dir: Path, config: TablesConfig, shard: Shard, context: Mapping[str, str],
+               indices: np.ndarray) -> Path:
+    """``<cache>/<family>_kappa<k>_s<index>_<hash>.npz``; the hash covers the run's settings, ``context``
+    (dataset, classifier weights, data files) and the shard's own image indices, nothing else."""
+    key = json.dumps({"format": CACHE_FORMAT, **config.family_settings(shard.family, shard.kappa), **context,
+                      "indices": data.indices_hash(indices[shard.start:shard.stop])}, sort_keys=True)
+    return cache_dir / (f"{shard.family}_kappa{shard.kappa:g}_s{shard.index:03d}_"
+                        f"{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz")
+
+
+def save_shard(path: Path, cells: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    """Writes ``{attack: {field: array}}`` compressed and atomically (temporary file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **{k: np.asarray(result[k]) for k in ATTACK_FIELDS})
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, **{f"{a}.{k}": np.asarray(cell[k]) for a, cell in cells.items() for k in ATTACK_FIELDS})
     os.replace(tmp, path)
 
 
-def load_cell(path: Path, n: int, image_shape: tuple[int, ...]) -> dict[str, np.ndarray] | None:
-    """A cached cell, or None if absent. A corrupt or mismatched file is an error naming the file."""
+def load_shard(path: Path, shard: Shard, image_shape: tuple[int, ...]) -> dict[str, dict[str, np.ndarray]] | None:
+    """A shard's ``{attack: {field: array}}``, or None if absent. A corrupt or mismatched file is an error
+    naming the file."""
     if not path.is_file():
         return None
+    n = shard.stop - shard.start
     try:
         with np.load(path, allow_pickle=False) as f:
-            cell = {k: f[k] for k in ATTACK_FIELDS}
-    except (OSError, ValueError, KeyError) as err:
-        raise RuntimeError(f"corrupt attack cache {path}: {err}; delete it to recompute the cell") from err
-    if cell["adv"].shape != (n, *image_shape) or cell["success"].shape != (n,):
-        raise RuntimeError(f"attack cache {path} holds {cell['adv'].shape}, expected {(n, *image_shape)}; delete it")
-    return cell
+            cells = {a: {k: f[f"{a}.{k}"] for k in ATTACK_FIELDS} for a in FAMILY_ATTACKS[shard.family]}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise RuntimeError(f"corrupt attack shard {path}: {type(err).__name__}: {err}; "
+                           "delete it to recompute it") from err
+    for attack, cell in cells.items():
+        if cell["adv"].shape != (n, *image_shape) or cell["success"].shape != (n,):
+            raise RuntimeError(f"attack shard {path} holds {attack} of shape {cell['adv'].shape}, expected "
+                               f"{(n, *image_shape)}; delete it to recompute it")
+    return cells
 
 
-EAD_RULES = {"ead_l1": "l1", "ead_en": "en"}
+def assemble_cell(shards: list[Mapping[str, Mapping[str, np.ndarray]]], attack: str) -> dict[str, np.ndarray]:
+    """One attack's cell from its shards, in image order."""
+    return {k: np.concatenate([s[attack][k] for s in shards]) for k in ATTACK_FIELDS}
 
 
 @dataclasses.dataclass(frozen=True)
 class AttackJob:
-    """One attack call. ``attacks`` share its iterates (EAD-L1 and EAD-EN are the two decision rules of one EAD
-    run, :func:`magnet_mi_jax.attacks.ead` with ``rule=("en", "l1")``); ``kappas`` are folded into its batch."""
+    """One attack call: run ``family`` on the images of shard slice ``index`` for every kappa of ``kappas`` (the
+    grid is folded into the batch). One call of the EAD run gives both decision rules."""
 
-    attacks: tuple[str, ...]
+    family: str
     kappas: tuple[float, ...]
+    index: int
+    start: int
+    stop: int
 
 
-def plan_jobs(config: TablesConfig, missing: list[tuple[str, float]]) -> list[AttackJob]:
-    """Groups the missing (attack, kappa) cells into calls: C&W alone, both EAD rules of a kappa in one run,
-    ``config.kappas_per_call`` kappas per call (0: all of them)."""
-    per_family: dict[str, dict[float, set[str]]] = {}
-    for attack, kappa in missing:
-        family = "ead" if attack in EAD_RULES else attack
-        per_family.setdefault(family, {}).setdefault(kappa, set()).add(attack)
+def plan_jobs(config: TablesConfig, missing: list[Shard]) -> list[AttackJob]:
+    """Groups missing shards of one run and image slice into calls of ``config.kappas_per_call`` kappas
+    (0: all of them), in crafting order."""
+    groups: dict[tuple[str, int], list[Shard]] = {}
+    for shard in missing:
+        groups.setdefault((shard.family, shard.index), []).append(shard)
     jobs = []
-    for per_kappa in per_family.values():
-        kappas = list(per_kappa)
-        step = config.kappas_per_call or len(kappas)
-        for i in range(0, len(kappas), step):
-            chunk = kappas[i:i + step]
-            wanted = set().union(*(per_kappa[k] for k in chunk))
-            jobs.append(AttackJob(tuple(a for a in config.attacks if a in wanted), tuple(chunk)))
-    return jobs
+    for (family, index), shards in groups.items():
+        step = config.kappas_per_call or len(shards)
+        for i in range(0, len(shards), step):
+            chunk = shards[i:i + step]
+            jobs.append(AttackJob(family, tuple(s.kappa for s in chunk), index, chunk[0].start, chunk[0].stop))
+    order = {(s.family, s.kappa, s.index): n for n, s in enumerate(missing)}
+    return sorted(jobs, key=lambda j: order[(j.family, j.kappas[0], j.index)])
 
 
 def run_job(job: AttackJob, logits_fn: Callable, params: Any, x: np.ndarray, y: np.ndarray,
-            config: TablesConfig) -> dict[tuple[str, float], dict[str, np.ndarray]]:
-    """Crafts every (attack, kappa) cell of ``job``: untargeted, on images ``x`` in batches of ``attack_batch``.
+            config: TablesConfig) -> dict[float, dict[str, dict[str, np.ndarray]]]:
+    """Crafts ``job``: untargeted attacks on the attacked images ``x[job.start:job.stop]``.
 
-    The kappas run as one grid (G, 1) folded into the batch. Batches go through
-    :func:`~magnet_mi_jax.utils.map_batches` (over image indices), which pads a short last batch to the
-    compiled shape, so every batch reuses one compilation; the padding is dropped.
+    Returns ``{kappa: {attack: {field: (n, ...)}}}``. The slice runs as one batch of ``config.shard_size``
+    (a short last slice is padded by :func:`~magnet_mi_jax.utils.map_batches`, so every call reuses one
+    compilation; the padding is dropped).
     """
     kappa = jnp.asarray(job.kappas, jnp.float32)[:, None]                 # (G, 1)
     common = dict(params=params, kappa=kappa, const=config.initial_const, learning_rate=config.learning_rate,
                   search_steps=config.search_steps)
-    if job.attacks == ("cw_l2",):
+    if job.family == "cw":
         def craft(xb, yb):
-            return {"cw_l2": attacks.cw_l2(logits_fn, xb, yb, iterations=config.iterations_for("cw_l2"), **common)}
-    elif job.attacks and set(job.attacks) <= set(EAD_RULES):
-        rules = tuple(EAD_RULES[a] for a in job.attacks)
-
+            return {"cw_l2": attacks.cw_l2(logits_fn, xb, yb, iterations=config.iterations_for("cw_l2"),
+                                           abort_early=config.cw_abort_early, **common)}
+    elif job.family == "ead":
         def craft(xb, yb):
-            out = attacks.ead(logits_fn, xb, yb, beta=config.beta, rule=rules,
-                              iterations=config.iterations_for("ead"), **common)
-            return {f"ead_{rule}": res for rule, res in out.items()}
+            out = attacks.ead(logits_fn, xb, yb, beta=config.beta, rule=tuple(EAD_RULES.values()),
+                              iterations=config.iterations_for("ead"), momentum=config.ead_momentum,
+                              abort_early=False, **common)
+            return {attack: out[rule] for attack, rule in EAD_RULES.items()}
     else:
-        raise ValueError(f"a job runs cw_l2 alone or EAD rules {tuple(EAD_RULES)}; got {job.attacks}")
+        raise ValueError(f"unknown attack run {job.family!r}; known: {tuple(FAMILY_ATTACKS)}")
 
     def craft_rows(idx):              # (b,) image indices -> {attack: {field: (b, G, ...)}}
         out = craft(jnp.asarray(x[idx]), jnp.asarray(y[idx], jnp.int32))
         return {a: {k: jnp.swapaxes(getattr(res, k), 0, 1) for k in ATTACK_FIELDS} for a, res in out.items()}
 
-    rows = map_batches(craft_rows, np.arange(len(x)), config.attack_batch)
-    return {(a, kappa): {k: rows[a][k][:, g] for k in ATTACK_FIELDS}
-            for a in job.attacks for g, kappa in enumerate(job.kappas)}
+    rows = map_batches(craft_rows, np.arange(job.start, job.stop), config.shard_size)
+    return {kappa: {a: {k: rows[a][k][:, g] for k in ATTACK_FIELDS} for a in FAMILY_ATTACKS[job.family]}
+            for g, kappa in enumerate(job.kappas)}
+
+
+def parse_worker(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--worker takes I/N (e.g. 0/2), got {text!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--worker I/N needs 0 <= I < N, got {text!r}")
+    return i, n
 
 
 # --------------------------------------------------------------------------------------------------
@@ -388,11 +467,18 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     cfg = result["config"]
     lines = []
     title = {"mnist": "Table 1 (MNIST)", "cifar10": "Table 2 (CIFAR-10)"}[cfg["dataset"]]
+    if not result.get("complete", True):
+        lines += [f"> **PARTIAL**: {result['shards_done']} of {result['shards_total']} shards crafted; each cell "
+                  "is measured on the images whose shards exist (its `n_images` in table.json), and cells "
+                  "without any are `-`. Not the finished table.", ""]
     if cfg["quick"]:
         lines += ["> **QUICK PRESET**: a reduced protocol for a CPU smoke run "
                   f"({cfg['n_images']} images, kappa {', '.join(f'{k:g}' for k in cfg['kappas'])}, "
                   f"{_iterations_text(cfg)} x {cfg['search_steps']} search steps). "
                   "Not comparable cell for cell with the paper's 1,000 images x 1,000 iterations x 9 steps.", ""]
+    elif result.get("deviations_from_paper"):
+        lines += ["> **NOT THE PAPER'S PROTOCOL**: " + "; ".join(
+            f"{k} = {v[0]} (paper: {v[1]})" for k, v in result["deviations_from_paper"].items()) + ".", ""]
     lines += [f"# {title}: accuracy (%) on adversarial examples, MagNet vs MI-strengthened MagNet", "",
               "Each cell: ours (paper, ours - paper). Untargeted, oblivious setting; "
               f"{cfg['n_images']} correctly classified test images (seed {cfg['seed']}).", ""]
@@ -402,8 +488,8 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         cells = []
         for defense in DEFENSES:
             for attack in cfg["attacks"]:
-                c = result["cells"][f"{attack}/{kappa:g}"]
-                cells.append(_fmt_cell(c[defense]["accuracy"], c["paper"].get(defense)))
+                c = result["cells"].get(f"{attack}/{kappa:g}")
+                cells.append("-" if c is None else _fmt_cell(c[defense]["accuracy"], c["paper"].get(defense)))
         lines.append(f"| {kappa:g} | " + " | ".join(cells) + " |")
     clean = result["clean_accuracy"]
     lines += ["", "Clean test accuracy (%), all 10,000 test images:", "",
@@ -426,15 +512,18 @@ def render_markdown(result: Mapping[str, Any]) -> str:
 def render_csv(result: Mapping[str, Any]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["dataset", "quick", "attack", "kappa", "defense", "accuracy", "paper", "diff",
+    writer.writerow(["dataset", "quick", "protocol", "n_images", "attack", "kappa", "defense", "accuracy", "paper", "diff",
                      "detector_only", "reformer_only", "accuracy_successful_only", "attack_success_rate",
                      "mean_l1", "mean_l2"])
     cfg = result["config"]
+    protocol = ("partial " if not result.get("complete", True) else "") + (
+        "quick" if cfg["quick"] else "reduced" if result.get("deviations_from_paper") else "paper")
     for key, c in result["cells"].items():
         attack, kappa = key.split("/")
         for defense in DEFENSES:
             d, paper = c[defense], c["paper"].get(defense)
-            writer.writerow([cfg["dataset"], cfg["quick"], attack, kappa, defense, d["accuracy"], paper,
+            writer.writerow([cfg["dataset"], cfg["quick"], protocol, c["n_images"], attack, kappa, defense,
+                             d["accuracy"], paper,
                              None if paper is None else round(d["accuracy"] - paper, 2), d["detector_only"],
                              d["reformer_only"], d["accuracy_successful_only"], c["attack_success_rate"],
                              c["mean_l1"], c["mean_l2"]])
@@ -454,7 +543,7 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
     colors = {"magnet": "tab:blue", "mi_magnet": "tab:red"}
     for ax, attack in zip(axes, cfg["attacks"]):
         for defense in DEFENSES:
-            ks = cfg["kappas"]
+            ks = [k for k in cfg["kappas"] if f"{attack}/{k:g}" in result["cells"]]
             ax.plot(ks, [result["cells"][f"{attack}/{k:g}"][defense]["accuracy"] for k in ks], "o-",
                     color=colors[defense], label=f"{DEFENSE_TITLES[defense]} (ours)")
             pk = sorted(k for (d, a, k) in paper if d == defense and a == attack)
@@ -465,7 +554,8 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy on adversarial examples (%)")
     axes[-1].legend(fontsize=8, loc="lower right")
-    suffix = " [QUICK PRESET]" if cfg["quick"] else ""
+    suffix = (" [QUICK PRESET]" if cfg["quick"] else " [NOT THE PAPER'S PROTOCOL]" if result.get("deviations_from_paper")
+              else "") + ("" if result.get("complete", True) else " [PARTIAL]")
     fig.suptitle(f"{cfg['dataset']}: MagNet vs MI-MagNet{suffix}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -477,10 +567,26 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def _log_timing(cache_dir: Path, job: AttackJob, seconds: float, config: TablesConfig) -> None:
+    """Appends one line per attack call to ``<cache>/timings.jsonl`` (the campaign's measured costs)."""
+    record = {"family": job.family, "kappas": list(job.kappas), "images": [job.start, job.stop],
+              "seconds": round(seconds, 2), "iterations": config.iterations_for(FAMILY_ATTACKS[job.family][0]),
+              "search_steps": config.search_steps, "device": device_description(), "git_commit": git_commit(),
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with open(cache_dir / "timings.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source: str = "auto",
         checkpoints: str | None = None, train_missing: bool = False, command: str = "",
-        dataset: data.Dataset | None = None, eval_batch: int = 500) -> dict[str, Any]:
-    """Runs the protocol and writes every output into ``out``; returns the JSON result."""
+        dataset: data.Dataset | None = None, eval_batch: int = 500, partial: bool = False,
+        worker: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """Runs the protocol and writes every output into ``out``; returns the JSON result.
+
+    Crafts the missing shards (with ``worker=(i, n)`` only every n-th, from the i-th), then writes the table
+    if every shard exists, or with ``partial`` a labelled table from the shards present; otherwise returns
+    ``{"complete": False, ...}`` and writes no table.
+    """
     start = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -512,34 +618,62 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
     natural_scores = {n: test.scores[n][indices] for n in spec.detector_names}
     context = cache_context(config.dataset, ds, indices, params["classifier"])
 
-    # Craft the missing cells (cached ones are checked here, before any long computation).
-    keys = [(a, k) for a in config.attacks for k in config.kappas]
-    paths = {key: cache_path(out / "cache", config, *key, context) for key in keys}
-    crafted = {key: load_cell(paths[key], len(indices), ds.image_shape) for key in keys}
-    missing = [key for key in keys if crafted[key] is None]
-    made_by: dict[tuple[str, float], dict[str, Any]] = {}
-    jobs = plan_jobs(config, missing)
-    if jobs:
-        print(f"{len(keys) - len(missing)} of {len(keys)} cells cached; crafting {len(missing)} in {len(jobs)} calls")
-    for job in tqdm(jobs, desc="attack calls", dynamic_ncols=True):
+    # Every shard on disk is checked here, before any long computation.
+    cache_dir = out / "cache"
+    shards = plan_shards(config)
+    paths = {shard: shard_path(cache_dir, config, shard, context, indices) for shard in shards}
+    crafted = {shard: load_shard(paths[shard], shard, ds.image_shape) for shard in shards}
+    missing = [shard for shard in shards if crafted[shard] is None]
+    worker_index, workers = worker
+    mine = [shard for shard in missing if shards.index(shard) % workers == worker_index]
+    jobs = plan_jobs(config, mine)
+    print(f"{len(shards) - len(missing)} of {len(shards)} shards present in {cache_dir}; "
+          f"crafting {len(mine)} in {len(jobs)} calls" + (f" (worker {worker_index}/{workers})" if workers > 1 else ""))
+    made: set[Shard] = set()
+    seconds: dict[str, list[float]] = {}
+    for n, job in enumerate(jobs):
         t0 = time.time()
         new = run_job(job, applies["classifier"], params["classifier"], x_att, y_att, config)
-        call = {"attacks": list(job.attacks), "kappas": list(job.kappas), "seconds": round(time.time() - t0, 1)}
-        for key in new:
-            if crafted[key] is None:
-                save_cell(paths[key], new[key])
-                crafted[key], made_by[key] = new[key], call
+        took = time.time() - t0
+        for kappa, cells in new.items():
+            shard = Shard(job.family, kappa, job.index, job.start, job.stop)
+            save_shard(paths[shard], cells)
+            crafted[shard] = cells
+            made.add(shard)
+        seconds.setdefault(job.family, []).append(took / len(job.kappas))
+        _log_timing(cache_dir, job, took, config)
+        left = jobs[n + 1:]
+        per_shard = {f: float(np.mean(v)) for f, v in seconds.items()}
+        fallback = float(np.mean([t for v in seconds.values() for t in v]))
+        eta = sum(per_shard.get(j.family, fallback) * len(j.kappas) for j in left)
+        done = sum(c is not None for c in crafted.values())
+        print(f"[{done}/{len(shards)} shards] {job.family} kappa {','.join(f'{k:g}' for k in job.kappas)} "
+              f"images {job.start}-{job.stop}: {took:.0f} s; this run's remaining {len(left)} calls: "
+              f"ETA {eta / 3600:.2f} h", flush=True)
 
-    # Evaluate both defenses on every cell.
+    absent = [shard for shard in shards if crafted[shard] is None]
+    if absent and not partial:
+        print(f"{len(absent)} of {len(shards)} shards are still missing (other workers' share, or an interrupted "
+              "run): rerun the same command to finish them, or add --partial for a labelled partial table")
+        return {"complete": False, "shards_done": len(shards) - len(absent), "shards_total": len(shards)}
+
+    # Evaluate both defenses on every cell (with --partial: on the images whose shards exist).
     paper = paper_tables(config.dataset)
     cells: dict[str, Any] = {}
+    keys = [(a, k) for a in config.attacks for k in config.kappas]
     bar = tqdm(keys, desc="defenses on cells", dynamic_ncols=True)
     for attack, kappa in bar:
-        cell = crafted[(attack, kappa)]
+        present = [s for s in shards if s.family == ATTACK_FAMILIES[attack] and s.kappa == kappa
+                   and crafted[s] is not None]
+        if not present:
+            continue
+        rows_idx = np.concatenate([np.arange(s.start, s.stop) for s in present])
+        cell = assemble_cell([crafted[s] for s in present], attack)
         outputs = map_batches(run_defense, cell["adv"], eval_batch)
-        row = evaluate_cell(outputs, thresholds, magnet, spec, y_att, cell, natural_scores)
-        row.update(attack=attack, kappa=kappa, cache=paths[(attack, kappa)].name,
-                   cached=(attack, kappa) not in made_by, attack_call=made_by.get((attack, kappa)),
+        row = evaluate_cell(outputs, thresholds, magnet, spec, y_att[rows_idx], cell,
+                            {n: v[rows_idx] for n, v in natural_scores.items()})
+        row.update(attack=attack, kappa=kappa, shards=[paths[s].name for s in present],
+                   cached=not any(s in made for s in present),
                    paper={d: paper.get((d, attack, kappa)) for d in DEFENSES})
         cells[f"{attack}/{kappa:g}"] = row
         bar.set_postfix(magnet=row["magnet"]["accuracy"], mi=row["mi_magnet"]["accuracy"],
@@ -547,7 +681,10 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
     bar.close()
 
     result = {
-        "dataset": config.dataset, "quick": config.quick, "config": dataclasses.asdict(config), "seed": config.seed,
+        "dataset": config.dataset, "quick": config.quick, "complete": not absent,
+        "shards_done": len(shards) - len(absent), "shards_total": len(shards),
+        "deviations_from_paper": {k: list(v) for k, v in config.deviations().items()},
+        "config": dataclasses.asdict(config), "seed": config.seed,
         "indices_hash": context["indices"], "indices": indices.tolist(), "data_md5": ds.md5,
         "data_source": ds.source, "git_commit": git_commit(), "device": device_description(),
         "command": command, "wall_seconds": round(time.time() - start, 1), "thresholds": thresholds,
@@ -564,11 +701,13 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
 def build_config(args: argparse.Namespace) -> TablesConfig:
     config = (QUICK if args.quick else FULL)[args.dataset]
     changes: dict[str, Any] = {}
-    for name in ("n_images", "iterations", "cw_iterations", "search_steps", "seed", "attack_batch", "kappas_per_call",
-                 "mi_reading", "mi_temperature"):
+    for name in ("n_images", "iterations", "cw_iterations", "search_steps", "seed", "shard_size", "kappas_per_call",
+                 "ead_momentum", "mi_reading", "mi_temperature"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
+    if args.cw_abort_early is not None:
+        changes["cw_abort_early"] = args.cw_abort_early == "on"
     if args.kappas is not None:
         changes["kappas"] = tuple(float(k) for k in args.kappas.split(","))
     if args.attacks is not None:
@@ -599,22 +738,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="C&W's iterations per search step, if not --iterations")
     parser.add_argument("--search-steps", dest="search_steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--attack-batch", dest="attack_batch", type=int, default=None,
-                        help="images per attack call (default 1,000)")
+    parser.add_argument("--shard-size", dest="shard_size", type=int, default=None,
+                        help="attacked images per shard, the unit of work and caching (default 100; "
+                             "another size makes other shards)")
     parser.add_argument("--kappas-per-call", dest="kappas_per_call", type=int, default=None,
                         help="kappas folded into one attack call (0: the whole grid; default 1). More uses a GPU "
                              "better; an interrupted run loses at most one call")
+    parser.add_argument("--cw-abort-early", dest="cw_abort_early", choices=("on", "off"), default=None,
+                        help="C&W's abort-early (default on, as the C&W reference code)")
+    parser.add_argument("--ead-momentum", dest="ead_momentum", choices=EAD_MOMENTA, default=None,
+                        help="FISTA momentum of EAD (default reference: (k+1)/(k+4), as the EAD code computes it)")
+    parser.add_argument("--partial", action="store_true",
+                        help="write a labelled table from the shards present even if some are missing")
+    parser.add_argument("--worker", default="0/1",
+                        help="I/N: craft only every N-th missing shard, from the I-th (N processes, one cache)")
     parser.add_argument("--mi-reading", dest="mi_reading", choices=("literal", "consistent"), default=None)
     parser.add_argument("--mi-temperature", dest="mi_temperature", type=float, default=None)
     args = parser.parse_args(argv)
     config = build_config(args)
+    try:
+        worker = parse_worker(args.worker)
+    except ValueError as err:
+        parser.error(str(err))
     out = Path(args.out) if args.out else Path("results") / (args.dataset + ("-quick" if config.quick else ""))
     command = " ".join(["python", "-m", "eval.tables", *(sys.argv[1:] if argv is None else argv)])
     try:
         result = run(config, out, data_dir=args.data_dir, source=args.source, checkpoints=args.checkpoints,
-                     train_missing=args.train_missing, command=command)
+                     train_missing=args.train_missing, command=command, partial=args.partial, worker=worker)
     except (checkpoint.CheckpointError, data.DataError) as err:
         parser.exit(2, f"error: {err}\n")
+    if not result["complete"] and "cells" not in result:
+        return result
     print(render_markdown(result))
     print(f"wrote {out}/table.md, table.csv, table.json, accuracy_vs_kappa.png")
     return result

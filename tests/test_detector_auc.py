@@ -29,7 +29,7 @@ N_ONES = 30         # successful all-ones examples in cw_l2/0 (the other 10 fail
 FPR = 0.05          # n = floor(40 * 0.05) = 2 natural scores above the threshold
 TEMPS = (1.0, 10.0, 40.0)
 CONFIG = dataclasses.replace(tables.FULL["mnist"], n_images=N_ATT, kappas=(0.0, 10.0), attacks=("cw_l2", "ead_l1"),
-                             iterations=5, search_steps=1, quick=True)
+                             iterations=5, search_steps=1, shard_size=N_ATT, quick=True)
 
 
 def _save_checkpoints(root):
@@ -64,10 +64,13 @@ def _write_run(results, ckpt, clf_params, ds):
     }
     rows = {}
     for (attack, kappa), (adv, success) in cells.items():
-        path = tables.cache_path(results / "cache", CONFIG, attack, kappa, context)
+        family = tables.ATTACK_FAMILIES[attack]
+        shard = tables.Shard(family, kappa, 0, 0, N_ATT)
+        path = tables.shard_path(results / "cache", CONFIG, shard, context, indices)
         zeros = np.zeros(N_ATT, np.float32)
-        tables.save_cell(path, dict(adv=adv, success=success, l0=zeros, l1=zeros, l2=zeros, linf=zeros, const=zeros))
-        rows[f"{attack}/{kappa:g}"] = {"attack": attack, "kappa": kappa, "cache": path.name}
+        cell = dict(adv=adv, success=success, l0=zeros, l1=zeros, l2=zeros, linf=zeros, const=zeros)
+        tables.save_shard(path, {a: cell for a in tables.FAMILY_ATTACKS[family]})
+        rows[f"{attack}/{kappa:g}"] = {"attack": attack, "kappa": kappa, "shards": [path.name]}
     table = {"config": dataclasses.asdict(CONFIG), "indices": indices.tolist(), "cells": rows,
              "command": f"python -m eval.tables --dataset mnist --quick --checkpoints {ckpt}",
              "models": {"classifier": {"command": "untrained", "git_commit": None, "metrics": None, "seed": None},
@@ -193,11 +196,11 @@ def test_clear_errors(synthetic, tmp_path, mnist):
         detector_auc.run(tmp_path / "empty", **kwargs)
     with pytest.raises(detector_auc.AnalysisError, match="is a mnist run, not cifar10"):
         detector_auc.run(results, **{**kwargs, "dataset_name": "cifar10"})
-    # A missing cache file names the cell and the file.
+    # A missing shard names the cell and the file.
     broken = tmp_path / "broken"
     (broken / "cache").mkdir(parents=True)
     (broken / "table.json").write_text(json.dumps(table))
-    with pytest.raises(detector_auc.AnalysisError, match=r"cell cw_l2/0: attack cache .*cw_l2_kappa0_.*missing"):
+    with pytest.raises(detector_auc.AnalysisError, match=r"cell cw_l2/0: attack shard .*cw_kappa0_s000_.*missing"):
         detector_auc.run(broken, **kwargs)
     # Other attacked indices (or another classifier) -> another cache key: refused unless asked.
     moved = dict(table, indices=[i + 1 for i in table["indices"]])

@@ -14,7 +14,7 @@ from magnet_mi_jax import checkpoint
 from magnet_mi_jax.models import alpha_gan, mnist_ae_i, mnist_ae_ii
 
 TINY = dataclasses.replace(tables.FULL["mnist"], n_images=6, kappas=(0.0, 5.0), iterations=8, search_steps=2,
-                           attack_batch=6, quick=True)
+                           shard_size=3, quick=True)
 
 
 @pytest.fixture(scope="module")
@@ -76,87 +76,155 @@ def test_outputs_schema_and_resume(tiny_setup, tmp_path):
         assert second["cells"][key]["magnet"] == cell["magnet"]
         assert second["cells"][key]["mi_magnet"] == cell["mi_magnet"]
 
-    # A corrupt cache file is an error naming it, raised before any attack runs (the missing cell stays missing).
-    victim = out / "cache" / first["cells"]["cw_l2/5"]["cache"]
-    victim.unlink()
-    corrupt = out / "cache" / first["cells"]["ead_en/5"]["cache"]
-    corrupt.write_bytes(b"not an npz")
-    with pytest.raises(RuntimeError, match="corrupt attack cache .*ead_en_kappa5_"):
+    # A corrupt shard is an error naming it, raised before any attack runs (the missing shard stays missing).
+    cw5 = [out / "cache" / n for n in first["cells"]["cw_l2/5"]["shards"]]
+    ead5 = [out / "cache" / n for n in first["cells"]["ead_en/5"]["shards"]]
+    assert len(cw5) == len(ead5) == 2 and first["cells"]["ead_l1/5"]["shards"] == first["cells"]["ead_en/5"]["shards"]
+    cw5[1].unlink()
+    ead5[0].write_bytes(b"not an npz")
+    with pytest.raises(RuntimeError, match="corrupt attack shard .*ead_kappa5_s000_"):
         _run(tiny_setup, out)
-    assert not victim.exists()
-    # An interrupted run (cells missing) recomputes exactly those cells, with the same results; the EAD-L1 cell
-    # of kappa 5 is not rewritten although its rule comes out of the same EAD run.
-    corrupt.unlink()
-    kept = out / "cache" / first["cells"]["ead_l1/5"]["cache"]
+    assert not cw5[1].exists()
+    # An interrupted run (shards missing) recomputes exactly those shards, with the same results.
+    ead5[0].unlink()
+    kept = ead5[1]
     kept_mtime = kept.stat().st_mtime_ns
     third = _run(tiny_setup, out)
-    assert {k for k, c in third["cells"].items() if not c["cached"]} == {"cw_l2/5", "ead_en/5"}
-    assert third["cells"]["ead_en/5"]["attack_call"]["attacks"] == ["ead_en"]
+    assert {k for k, c in third["cells"].items() if not c["cached"]} == {"cw_l2/5", "ead_en/5", "ead_l1/5"}
     assert kept.stat().st_mtime_ns == kept_mtime
-    for key in ("cw_l2/5", "ead_en/5"):
+    for key in ("cw_l2/5", "ead_en/5", "ead_l1/5"):
         assert third["cells"][key]["attack_success_rate"] == first["cells"][key]["attack_success_rate"]
         ours, before = third["cells"][key]["mean_l2"], first["cells"][key]["mean_l2"]
         assert ours == before if before is None else ours == pytest.approx(before, rel=1e-5)
         assert third["cells"][key]["magnet"] == first["cells"][key]["magnet"]
-
-    # Another setting is another cache key.
-    other = tables.cache_path(out / "cache", dataclasses.replace(TINY, iterations=9), "cw_l2", 5.0, {"x": "y"})
-    assert other.name != victim.name
+    timings = (out / "cache" / "timings.jsonl").read_text().splitlines()
+    assert len(timings) == 8 + 2 and json.loads(timings[-1])["seconds"] > 0     # one line per attack call
 
 
-def test_plan_jobs_groups_ead_rules_and_kappas():
-    config = dataclasses.replace(TINY, kappas=(0.0, 5.0, 10.0))
-    missing = [("cw_l2", 0.0), ("cw_l2", 10.0), ("ead_en", 0.0), ("ead_l1", 5.0), ("ead_en", 5.0), ("ead_l1", 10.0)]
-    assert tables.plan_jobs(config, missing) == [
-        tables.AttackJob(("cw_l2",), (0.0,)), tables.AttackJob(("cw_l2",), (10.0,)),
-        tables.AttackJob(("ead_en",), (0.0,)), tables.AttackJob(("ead_l1", "ead_en"), (5.0,)),
-        tables.AttackJob(("ead_l1",), (10.0,))]
-    grid = dataclasses.replace(config, kappas_per_call=2)
-    assert tables.plan_jobs(grid, missing) == [
-        tables.AttackJob(("cw_l2",), (0.0, 10.0)), tables.AttackJob(("ead_l1", "ead_en"), (0.0, 5.0)),
-        tables.AttackJob(("ead_l1",), (10.0,))]
-    assert tables.plan_jobs(dataclasses.replace(config, kappas_per_call=0), missing)[1].kappas == (0.0, 5.0, 10.0)
+def test_plan_shards_and_jobs():
+    config = dataclasses.replace(TINY, n_images=7, kappas=(0.0, 5.0, 10.0), attacks=("ead_l1", "cw_l2"))
+    shards = tables.plan_shards(config)
+    assert config.families() == ("ead", "cw")
+    assert len(shards) == 2 * 3 * 3 and shards[0] == tables.Shard("ead", 0.0, 0, 0, 3)
+    assert [(s.start, s.stop) for s in shards[:3]] == [(0, 3), (3, 6), (6, 7)]
+    missing = [s for s in shards if s.index != 1 and s.kappa != 5.0]
+    jobs = tables.plan_jobs(config, missing)
+    assert jobs == [tables.AttackJob("ead", (0.0,), 0, 0, 3), tables.AttackJob("ead", (0.0,), 2, 6, 7),
+                    tables.AttackJob("ead", (10.0,), 0, 0, 3), tables.AttackJob("ead", (10.0,), 2, 6, 7),
+                    tables.AttackJob("cw", (0.0,), 0, 0, 3), tables.AttackJob("cw", (0.0,), 2, 6, 7),
+                    tables.AttackJob("cw", (10.0,), 0, 0, 3), tables.AttackJob("cw", (10.0,), 2, 6, 7)]
+    folded = tables.plan_jobs(dataclasses.replace(config, kappas_per_call=0), missing)
+    assert folded[0] == tables.AttackJob("ead", (0.0, 10.0), 0, 0, 3) and len(folded) == 4
     assert tables.plan_jobs(config, []) == []
+    assert tables.parse_worker("1/3") == (1, 3)
+    for bad in ("3/3", "a/b", "1"):
+        with pytest.raises(ValueError, match="--worker"):
+            tables.parse_worker(bad)
+
+
+def test_shard_keys_change_with_every_setting_and_nothing_else(tmp_path):
+    indices = np.arange(10, 16)
+    context = {"dataset": "mnist", "classifier": "c" * 16, "data": "d" * 16, "indices": "i" * 16}
+    shard = tables.Shard("ead", 5.0, 0, 0, 3)
+    base = tables.shard_path(tmp_path, TINY, shard, context, indices).name
+    for change in (dict(iterations=9), dict(search_steps=3), dict(initial_const=1e-2), dict(beta=0.02),
+                   dict(learning_rate=0.02), dict(ead_momentum="textbook")):
+        assert tables.shard_path(tmp_path, dataclasses.replace(TINY, **change), shard, context, indices).name != base
+    cw = tables.Shard("cw", 5.0, 0, 0, 3)
+    cw_base = tables.shard_path(tmp_path, TINY, cw, context, indices).name
+    for change in (dict(cw_iterations=20), dict(cw_abort_early=False)):
+        assert tables.shard_path(tmp_path, dataclasses.replace(TINY, **change), cw, context, indices).name != cw_base
+    for part in ("dataset", "classifier", "data"):                    # each part of the context alone
+        other = {**context, part: "x" * 16}
+        assert tables.shard_path(tmp_path, TINY, shard, other, indices).name != base
+    # The hash of the whole index set is replaced by the shard's own: a shard keeps its name when other
+    # shards' images change.
+    assert tables.shard_path(tmp_path, TINY, shard, {**context, "indices": "x" * 16}, indices).name == base
+    assert tables.shard_path(tmp_path, TINY, dataclasses.replace(shard, kappa=10.0), context, indices).name != base
+    assert tables.shard_path(tmp_path, TINY, shard, context, indices + 1).name != base        # its own images
+    assert tables.shard_path(tmp_path, TINY, shard, context, np.r_[indices[:3], [0, 0, 0]]).name == base
+    # How the work is split, and EAD-only settings for a C&W shard, change nothing.
+    for change in (dict(kappas_per_call=0), dict(shard_size=50), dict(n_images=3), dict(attacks=("ead_en",)),
+                   dict(quick=False), dict(mi_temperature=10.0)):
+        assert tables.shard_path(tmp_path, dataclasses.replace(TINY, **change), shard, context, indices).name == base
+    assert tables.shard_path(tmp_path, dataclasses.replace(TINY, beta=0.5), cw, context, indices).name == cw_base
 
 
 def test_run_job_matches_separate_attack_calls(mnist, tiny_mnist_classifier):
-    """A job (both EAD rules, a 2-kappa grid, 5 images in padded batches of 3) gives what one call per rule and
-    kappa on all images gives: the grid, the padding and the unpacking lose or mix up nothing."""
+    """A job (both EAD rules, a 2-kappa grid, images 2-6 padded to a shard of 6) gives what one call per rule
+    and kappa on those images gives: the grid, the padding and the unpacking lose or mix up nothing."""
     from magnet_mi_jax import attacks
     module, params, _ = tiny_mnist_classifier
-    x, y = mnist.test_x[:5], mnist.test_y[:5]
-    config = dataclasses.replace(TINY, iterations=6, search_steps=2, attack_batch=3, initial_const=1.0)
-    job = tables.AttackJob(("ead_l1", "ead_en"), (0.0, 3.0))
-    cells = tables.run_job(job, module.apply, params, x, y, config)
-    assert set(cells) == {(a, k) for a in job.attacks for k in job.kappas}
-    for (attack, kappa), cell in cells.items():
-        ref = attacks.ead(module.apply, x, y, params=params, kappa=kappa, const=1.0, beta=config.beta,
-                          rule=attack[-2:], iterations=6, search_steps=2)
-        assert cell["adv"].shape == (5, 28, 28, 1)
-        np.testing.assert_array_equal(cell["success"], np.asarray(ref.success))
-        np.testing.assert_allclose(cell["adv"], np.asarray(ref.adv), atol=1e-5)
-        np.testing.assert_allclose(cell["l2"], np.asarray(ref.l2), atol=1e-4)
+    x, y = mnist.test_x[:7], mnist.test_y[:7]
+    config = dataclasses.replace(TINY, iterations=6, search_steps=2, shard_size=6, initial_const=1.0)
+    job = tables.AttackJob("ead", (0.0, 3.0), 0, 2, 7)
+    shards = tables.run_job(job, module.apply, params, x, y, config)
+    assert set(shards) == set(job.kappas) and all(set(c) == {"ead_l1", "ead_en"} for c in shards.values())
+    for kappa, cells in shards.items():
+        for attack, cell in cells.items():
+            ref = attacks.ead(module.apply, x[2:7], y[2:7], params=params, kappa=kappa, const=1.0, beta=config.beta,
+                              rule=attack[-2:], iterations=6, search_steps=2)
+            assert cell["adv"].shape == (5, 28, 28, 1)
+            np.testing.assert_array_equal(cell["success"], np.asarray(ref.success))
+            np.testing.assert_allclose(cell["adv"], np.asarray(ref.adv), atol=1e-5)
+            np.testing.assert_allclose(cell["l2"], np.asarray(ref.l2), atol=1e-4)
     # The two rules came out of one run but keep different iterates somewhere (else the test proves nothing).
-    assert any(not np.array_equal(cells[("ead_l1", k)]["l1"], cells[("ead_en", k)]["l1"]) for k in job.kappas)
-    with pytest.raises(ValueError, match="cw_l2 alone"):
-        tables.run_job(tables.AttackJob(("cw_l2", "ead_en"), (0.0,)), module.apply, params, x, y, config)
+    assert any(not np.array_equal(c["ead_l1"]["l1"], c["ead_en"]["l1"]) for c in shards.values())
+    with pytest.raises(ValueError, match="unknown attack run"):
+        tables.run_job(tables.AttackJob("pgd", (0.0,), 0, 0, 3), module.apply, params, x, y, config)
+
+
+def test_workers_share_a_campaign_and_partial_tables_are_labelled(tiny_setup, tmp_path):
+    config = dataclasses.replace(TINY, attacks=("cw_l2",), kappas=(0.0,))
+    whole = _run(tiny_setup, tmp_path / "one", config)
+    out = tmp_path / "two"
+    ckpt, small = tiny_setup
+    mine = tables.run(config, out, checkpoints=str(ckpt), dataset=small, command="test", eval_batch=200,
+                      worker=(1, 2))
+    assert mine == {"complete": False, "shards_done": 1, "shards_total": 2} and not (out / "table.json").exists()
+    partial = tables.run(config, out, checkpoints=str(ckpt), dataset=small, command="test", eval_batch=200,
+                         worker=(1, 2), partial=True)
+    assert partial["complete"] is False and partial["cells"]["cw_l2/0"]["n_images"] == 3
+    assert "PARTIAL" in (out / "table.md").read_text() and ",partial quick,3," in (out / "table.csv").read_text()
+    done = tables.run(config, out, checkpoints=str(ckpt), dataset=small, command="test", eval_batch=200,
+                      worker=(0, 2))
+    assert done["complete"] is True and "PARTIAL" not in (out / "table.md").read_text()
+    assert done["cells"] == {k: {**c, "cached": False} for k, c in whole["cells"].items()} or all(
+        done["cells"][k][d] == whole["cells"][k][d] for k in whole["cells"] for d in ("magnet", "mi_magnet"))
+    for key in whole["cells"]:
+        assert done["cells"][key]["shards"] == whole["cells"][key]["shards"]
+        assert done["cells"][key]["magnet"] == whole["cells"][key]["magnet"]
 
 
 def test_config_rejects_bad_values():
-    for bad in (dict(kappas_per_call=-1), dict(attack_batch=0), dict(cw_iterations=0), dict(kappas=()),
-                dict(kappas=(-1.0,)), dict(attacks=("fgsm",)), dict(n_images=0)):
+    for bad in (dict(kappas_per_call=-1), dict(shard_size=0), dict(cw_iterations=0), dict(kappas=()),
+                dict(kappas=(-1.0,)), dict(attacks=("fgsm",)), dict(n_images=0), dict(ead_momentum="x")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             dataclasses.replace(TINY, **bad)
     with pytest.raises(SystemExit, match="kappas_per_call"):
         tables.main(["--dataset", "mnist", "--quick", "--kappas-per-call", "-2"])
 
 
-def test_cache_never_unpickles(tmp_path):
-    path = tmp_path / "cell.npz"
-    np.savez(path, adv=np.array([object()], dtype=object), success=np.zeros(1, bool), l0=np.zeros(1),
-             l1=np.zeros(1), l2=np.zeros(1), linf=np.zeros(1), const=np.zeros(1))
-    with pytest.raises(RuntimeError, match="corrupt attack cache"):
-        tables.load_cell(path, 1, (28, 28, 1))
+def test_shards_never_unpickle_and_bad_files_name_themselves(tmp_path):
+    shard = tables.Shard("cw", 0.0, 0, 0, 1)
+    path = tmp_path / "cw_kappa0_s000_x.npz"
+    fields = {f"cw_l2.{k}": np.zeros(1) for k in tables.ATTACK_FIELDS}
+    np.savez(path, **{**fields, "cw_l2.adv": np.array([object()], dtype=object)})
+    with pytest.raises(RuntimeError, match="corrupt attack shard .*cw_kappa0_s000_x.npz"):
+        tables.load_shard(path, shard, (28, 28, 1))
+    good = {"cw_l2": {"adv": np.zeros((1, 28, 28, 1), np.float32), "success": np.ones(1, bool),
+                      **{k: np.zeros(1, np.float32) for k in ("l0", "l1", "l2", "linf", "const")}}}
+    tables.save_shard(path, good)
+    assert not list(tmp_path.glob("*.tmp.npz"))
+    np.testing.assert_array_equal(tables.load_shard(path, shard, (28, 28, 1))["cw_l2"]["success"], [True])
+    raw = path.read_bytes()
+    for broken in (b"", raw[: len(raw) // 2], raw[:-30] + bytes(30)):      # empty, truncated, bad CRC/directory
+        path.write_bytes(broken)
+        with pytest.raises(RuntimeError, match="corrupt attack shard .*delete it"):
+            tables.load_shard(path, shard, (28, 28, 1))
+    tables.save_shard(path, good)
+    with pytest.raises(RuntimeError, match="expected"):
+        tables.load_shard(path, tables.Shard("cw", 0.0, 0, 0, 2), (28, 28, 1))
 
 
 def test_missing_checkpoint_names_the_training_command(tmp_path, mnist):
@@ -170,3 +238,47 @@ def test_paper_numbers_are_complete():
         assert len(paper) == 2 * 3 * n_kappa
     assert tables.paper_tables("mnist")[("mi_magnet", "ead_en", 10.0)] == 44.0
     assert tables.paper_clean("cifar10")["mi_magnet"] == 83.18
+
+
+KILL_SCRIPT = """
+import dataclasses, sys
+from eval import tables
+from magnet_mi_jax import data
+ds = data.load_dataset("mnist", data_dir=sys.argv[3])
+small = dataclasses.replace(ds, val_x=ds.val_x[:400], val_y=ds.val_y[:400], test_x=ds.test_x[:400],
+                            test_y=ds.test_y[:400])
+config = dataclasses.replace(tables.FULL["mnist"], n_images=6, kappas=(0.0,), iterations=8, search_steps=2,
+                             shard_size=3, attacks=("cw_l2", "ead_en"), quick=True)
+tables.run(config, sys.argv[1], checkpoints=sys.argv[2], dataset=small, command="test", eval_batch=200)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_mid_campaign_loses_at_most_the_shard_in_progress(tiny_setup, tmp_path, data_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    ckpt, small = tiny_setup
+    config = dataclasses.replace(TINY, kappas=(0.0,), attacks=("cw_l2", "ead_en"))
+    reference = _run(tiny_setup, tmp_path / "reference", config)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(out), str(ckpt), str(data_dir)],
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(tables.__file__))),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not list((out / "cache").glob("*_s000_*[!p].npz")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    survivors = {p.name: p.stat().st_mtime_ns for p in (out / "cache").glob("*.npz") if ".tmp" not in p.name}
+    assert 1 <= len(survivors) < 4 and not (out / "table.json").exists()
+    resumed = _run(tiny_setup, out, config)
+    for name, mtime in survivors.items():                    # nothing finished is recomputed
+        assert (out / "cache" / name).stat().st_mtime_ns == mtime
+    assert len(set().union(*(c["shards"] for c in resumed["cells"].values()))) == 4
+    for key, cell in reference["cells"].items():
+        for field in ("shards", "magnet", "mi_magnet", "attack_success_rate", "mean_l1", "mean_l2"):
+            assert resumed["cells"][key][field] == cell[field], (key, field)

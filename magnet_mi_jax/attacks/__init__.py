@@ -10,9 +10,9 @@ Both attacks run as one ``jax.jit`` computation: the binary search over c and th
 loops, a kappa grid is folded into the batch, and the batch is sharded over all devices.
 """
 
-from magnet_mi_jax.attacks.common import AttackResult, margin_loss, update_const
+from magnet_mi_jax.attacks.common import ATTACK_VERSION, AttackResult, margin_loss, update_const
 from magnet_mi_jax.attacks.cw import cw_l2
 from magnet_mi_jax.attacks.ead import ead, shrinkage
 from magnet_mi_jax.attacks.fastvjp import fast_vjp
 
-__all__ = ["AttackResult", "cw_l2", "ead", "fast_vjp", "margin_loss", "shrinkage", "update_const"]
+__all__ = ["ATTACK_VERSION", "AttackResult", "cw_l2", "ead", "fast_vjp", "margin_loss", "shrinkage", "update_const"]

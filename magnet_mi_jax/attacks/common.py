@@ -27,6 +27,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from magnet_mi_jax.models import layers
 
 #: c's upper bound before any success; the search multiplies c by 10 while ``upper >= UPPER_UNSET``.
+#: Bumped whenever the attacks' arithmetic changes (results crafted by another version are not reused).
+#: 2: EAD's momentum (k+1)/(k+4) by default; C&W does not keep the iterate at which abort-early stops it.
+ATTACK_VERSION = 2
+
 UPPER_INIT = 1e10
 UPPER_UNSET = 1e9
 #: |delta_i| above this counts towards L0 (C&W's tanh box leaves ~1e-7 everywhere; float32 rounding is < 1e-7).
