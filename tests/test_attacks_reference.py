@@ -48,8 +48,14 @@ def _search_update(c, lo, hi, ok):
     return c, lo, hi
 
 
+def _finish(outs, x_0, best_adv, best_c, last_c, found):
+    """The reference's result for one example: the kept image and its c, or x0 and the last c on failure."""
+    for out, value in zip(outs, (best_adv if found else x_0, found, best_c if found else last_c)):
+        out.append(value)
+
+
 def numpy_ead(w, b, x0, labels, *, kappa, c0, beta, lr, iterations, steps, momentum, rule):
-    out_adv, out_ok, out_c = [], [], []
+    outs = ([], [], [])       # kept images, success, consts
     for x_0, t in zip(x0.astype(np.float64), labels):
         c, lo, hi = c0, 0.0, 1e10
         best, best_adv, best_c, found = np.inf, x_0, c0, False
@@ -73,15 +79,13 @@ def numpy_ead(w, b, x0, labels, *, kappa, c0, beta, lr, iterations, steps, momen
             found |= step_ok
             last_c = c
             c, lo, hi = _search_update(c, lo, hi, step_ok)
-        out_adv.append(best_adv if found else x_0)
-        out_ok.append(found)
-        out_c.append(best_c if found else last_c)
-    return np.array(out_adv), np.array(out_ok), np.array(out_c)
+        _finish(outs, x_0, best_adv, best_c, last_c, found)
+    return tuple(np.array(o) for o in outs)
 
 
 def numpy_cw(w, b, x0, labels, *, kappa, c0, lr, iterations, steps, abort_early):
     b1, b2, eps = 0.9, 0.999, 1e-8
-    out_adv, out_ok, out_c = [], [], []
+    outs = ([], [], [])       # kept images, success, consts
     check_every = max(iterations // 10, 1)
     for x_0, t in zip(x0.astype(np.float64), labels):
         base = np.arctanh((2 * x_0 - 1) * 0.999999)
@@ -109,10 +113,8 @@ def numpy_cw(w, b, x0, labels, *, kappa, c0, lr, iterations, steps, abort_early)
             found |= step_ok
             last_c = c
             c, lo, hi = _search_update(c, lo, hi, step_ok)
-        out_adv.append(best_adv if found else x_0)
-        out_ok.append(found)
-        out_c.append(best_c if found else last_c)
-    return np.array(out_adv), np.array(out_ok), np.array(out_c)
+        _finish(outs, x_0, best_adv, best_c, last_c, found)
+    return tuple(np.array(o) for o in outs)
 
 
 @pytest.mark.parametrize("method,momentum", [("fista", "reference"), ("fista", "textbook"), ("ista", "reference")])
