@@ -396,3 +396,21 @@ def test_attack_cores_trace_for_eigen_lone_convolutions_on_cpu():
     core(jnp.float32(5.0), n=3, platform="cpu")                  # cached: no new trace
     assert len(seen) == 1 and core._cache_size() == 1
     assert not layers._LONE_CONVOLUTIONS_ON_EIGEN.get()           # the context ended with the trace
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_other_float_dtypes_run_in_float32(name, dtype):
+    """float16/bfloat16 images, and float64 ones with x64 enabled, give the float32 run's result (in float32)."""
+    params, x0, labels = _linear_problem(batch=3, key=31)
+    x_low = jnp.asarray(x0, dtype) if dtype != "float64" else x0
+    kw = dict(params=params, const=0.5, iterations=20, search_steps=2)
+    want = ATTACKS[name](linear_logits, jnp.asarray(x_low, jnp.float32), labels, **kw)
+    if dtype == "float64":
+        with jax.enable_x64(True):
+            got = ATTACKS[name](linear_logits, np.asarray(x0, np.float64), np.asarray(labels), **kw)
+    else:
+        got = ATTACKS[name](linear_logits, x_low, labels, **kw)
+    assert got.adv.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got.success), np.asarray(want.success))
+    np.testing.assert_allclose(np.asarray(got.adv), np.asarray(want.adv), atol=1e-5)

@@ -194,7 +194,8 @@ def check_inputs(logits_fn, params, x0, labels, kappa, const, *, has_params: boo
     """Validates shapes, dtypes and ranges and broadcasts kappa and const.
 
     Returns:
-      ``(x0, labels, kappa, const, grid)``: x0 float (B, ...), labels int32 (B,), kappa and const float32 of
+      ``(x0, labels, kappa, const, grid)``: x0 float32 (B, ...) (any float dtype is converted: the attacks
+      compute and return float32), labels int32 (B,), kappa and const float32 of
       shape (B,) or (G, B) (a kappa grid; ``grid`` is True then).
 
     Raises:
@@ -204,6 +205,8 @@ def check_inputs(logits_fn, params, x0, labels, kappa, const, *, has_params: boo
         x0 = np.asarray(x0)
     if not jnp.issubdtype(x0.dtype, jnp.floating):
         raise TypeError(f"x0 must be a float array of images in [0, 1], got dtype {x0.dtype}")
+    if x0.dtype != jnp.float32:   # float16, bfloat16, float64: the attacks' state and results are float32
+        x0 = jnp.asarray(x0, jnp.float32)
     if x0.ndim < 2:
         raise ValueError(f"x0 must have a batch axis and at least one more, e.g. (B, H, W, C); got {x0.shape}")
     batch = x0.shape[0]
