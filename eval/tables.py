@@ -195,11 +195,8 @@ def paper_clean(dataset: str) -> dict[str, float]:
 
 
 def params_hash(tree: Any) -> str:
-    """sha256 (16 hex) of a parameter pytree's leaves, in tree order."""
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(tree):
-        digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
-    return digest.hexdigest()[:16]
+    """The first 16 hex digits of :func:`~magnet_mi_jax.checkpoint.params_digest` (shard keys use it)."""
+    return checkpoint.params_digest(tree)[:16]
 
 
 def cache_context(dataset: str, ds: data.Dataset, indices: np.ndarray, classifier_params: Any) -> dict[str, str]:

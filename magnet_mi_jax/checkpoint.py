@@ -3,8 +3,9 @@
 A shipped model lives in ``<checkpoints>/<dataset>/<name>/``:
 
 * ``params/``: an orbax ``StandardCheckpointer`` directory holding the Flax parameter pytree;
-* ``meta.json``: what produced it (command, seed, config, git commit) and what it measures (accuracy,
-  reconstruction error, ...).
+* ``meta.json``: what produced it (command, seed, config, git commit), what it measures (accuracy,
+  reconstruction error, ...) and ``params_sha256``, a hash of the parameters that loading verifies, so a
+  corrupted or swapped weights file is an error naming it instead of a silently wrong model.
 
 ``load_model("mnist", "classifier")`` returns the Flax module, its parameters and the card. The default
 folder is the repository's ``checkpoints/``; ``$MAGNET_MI_CHECKPOINTS`` or an explicit argument overrides it.
@@ -13,6 +14,7 @@ folder is the repository's ``checkpoints/``; ``$MAGNET_MI_CHECKPOINTS`` or an ex
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -88,8 +90,18 @@ def init_params(module: nn.Module, dataset: str, key: jax.Array, batch: int = 1)
     return {"params": module.init(key, x)["params"]}
 
 
+def params_digest(tree: Any) -> str:
+    """sha256 (hex) of a parameter pytree's leaves' bytes, in tree order."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+    return digest.hexdigest()
+
+
 def save_params(directory: str | os.PathLike, params: Any, meta: dict[str, Any]) -> Path:
-    """Writes ``params`` (orbax) and ``meta`` (JSON) into ``directory``, replacing what was there."""
+    """Writes ``params`` (orbax) and ``meta`` (JSON, with ``params_sha256`` added) into ``directory``, replacing
+    what was there."""
+    meta = {**meta, "params_sha256": params_digest(params)}
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:      # closed on exit: no async work outlives the call
@@ -157,4 +169,19 @@ def load_model(dataset: str, name: str, checkpoints: str | os.PathLike | None = 
         raise CheckpointError(f"no trained {dataset}/{name} at {directory}; train it with: {spec.train_command}")
     template = (spec.init(module, jax.random.key(0)) if spec.init is not None
                 else init_params(module, dataset, jax.random.key(0)))
-    return module, load_params(directory, template), read_meta(directory)
+    params, meta = load_params(directory, template), read_meta(directory)
+    verify_digest(directory, params, meta)
+    return module, params, meta
+
+
+def verify_digest(directory: str | os.PathLike, params: Any, meta: dict[str, Any]) -> None:
+    """Checks ``params`` against the card's ``params_sha256`` (cards written before it existed are not checked).
+
+    Raises:
+      CheckpointError: the parameters differ from those the card was written for.
+    """
+    want = meta.get("params_sha256")
+    if want is not None and params_digest(params) != want:
+        raise CheckpointError(f"the parameters in {Path(directory) / 'params'} do not match the params_sha256 of "
+                              f"{Path(directory) / 'meta.json'}: the weights file is corrupt or was replaced; "
+                              "restore it (e.g. git checkout) or retrain the model")

@@ -226,3 +226,36 @@ def test_autoencoder_entry_point_refuses_another_configuration_and_fresh_restart
     assert fresh["test_mse"] != first["test_mse"]
     _, _, meta = checkpoint.load_model("mnist", "ae_ii", tmp_path / "c2")
     assert meta["seed"] == 1 and meta["config"]["learning_rate"] == 0.05
+
+
+def test_loading_verifies_the_cards_parameter_hash(tmp_path):
+    import json
+    import shutil
+    module = mnist_ae_ii()
+    params = checkpoint.init_params(module, "mnist", jax.random.key(0))
+    root = tmp_path / "c"
+    checkpoint.save_params(root / "mnist" / "ae_ii", params, {"command": "test"})
+    _, loaded, meta = checkpoint.load_model("mnist", "ae_ii", root)
+    assert meta["params_sha256"] == checkpoint.params_digest(params)
+    # A card whose hash does not match the weights (weights replaced or corrupted) is refused, naming both files.
+    card = root / "mnist" / "ae_ii" / "meta.json"
+    card.write_text(json.dumps({**meta, "params_sha256": "0" * 64}))
+    with pytest.raises(checkpoint.CheckpointError, match=r"ae_ii/params do not match the params_sha256 of .*meta.json"):
+        checkpoint.load_model("mnist", "ae_ii", root)
+    # Flipped bytes in the weights' data files: an error, never a silently different model.
+    card.write_text(json.dumps(meta))
+    shutil.copytree(root, tmp_path / "copy")
+    data_files = sorted((p for p in (tmp_path / "copy" / "mnist" / "ae_ii" / "params").rglob("*") if p.is_file()),
+                        key=lambda p: p.stat().st_size)
+    blob = bytearray(data_files[-1].read_bytes())
+    for i in range(len(blob) // 3, len(blob) // 3 + 64):
+        blob[i] ^= 0xFF
+    data_files[-1].write_bytes(bytes(blob))
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.load_model("mnist", "ae_ii", tmp_path / "copy")
+
+
+def test_shipped_cards_hash_the_shipped_weights():
+    for name in ("classifier", "ae_i", "ae_ii", "generator"):
+        _, params, meta = checkpoint.load_model("mnist", name)       # verifies params_sha256
+        assert len(meta["params_sha256"]) == 64
