@@ -486,9 +486,13 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         for defense in DEFENSES:
             for attack in cfg["attacks"]:
                 c = result["cells"].get(f"{attack}/{kappa:g}")
-                cells.append("-" if c is None else _fmt_cell(c[defense]["accuracy"], c["paper"].get(defense)))
+                text = "-" if c is None else _fmt_cell(c[defense]["accuracy"], c["paper"].get(defense))
+                cells.append(text + (" †" if c is not None and c["n_success"] == 0 else ""))
         lines.append(f"| {kappa:g} | " + " | ".join(cells) + " |")
     clean = result["clean_accuracy"]
+    if any(c["n_success"] == 0 for c in result["cells"].values()):
+        lines += ["", "† The attack found no adversarial example in this cell: its accuracy is measured on the "
+                  "unperturbed images and says nothing about robustness."]
     lines += ["", "Clean test accuracy (%), all 10,000 test images:", "",
               "| | no defense | MagNet | MI-MagNet |", "|---|---|---|---|",
               "| ours (paper, diff) | " + " | ".join(_fmt_cell(clean[k], clean["paper"][k])
@@ -574,10 +578,39 @@ def _log_timing(cache_dir: Path, job: AttackJob, seconds: float, config: TablesC
         f.write(json.dumps(record) + "\n")
 
 
+class OverwriteError(RuntimeError):
+    """The output folder holds a table of another configuration."""
+
+
+SPLIT_ONLY = ("shard_size", "kappas_per_call")   # how the work is split: never part of a result's identity
+
+
+def check_overwrite(out: Path, config: TablesConfig, overwrite: bool) -> None:
+    """Refuses (unless ``overwrite``) to replace ``out/table.json`` written for another configuration.
+
+    Raises:
+      OverwriteError: naming the folder, each differing setting and the ways out.
+    """
+    path = Path(out) / "table.json"
+    if overwrite or not path.is_file():
+        return
+    try:
+        stored = json.loads(path.read_text()).get("config", {})
+    except json.JSONDecodeError:
+        stored = {}
+    wanted = json.loads(json.dumps(dataclasses.asdict(config)))
+    diffs = [f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in sorted(wanted.items())
+             if k not in SPLIT_ONLY and stored.get(k) != v]
+    if diffs:
+        raise OverwriteError(f"{path} holds a table of another configuration:\n  " + "\n  ".join(diffs) +
+                             "\nWrite elsewhere with --out DIR, or pass --overwrite to replace it.")
+    print(f"{path} exists with the same configuration: it will be rewritten from the shards")
+
+
 def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source: str = "auto",
         checkpoints: str | None = None, train_missing: bool = False, command: str = "",
         dataset: data.Dataset | None = None, eval_batch: int = 500, partial: bool = False,
-        worker: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+        worker: tuple[int, int] = (0, 1), overwrite: bool = False) -> dict[str, Any]:
     """Runs the protocol and writes every output into ``out``; returns the JSON result.
 
     Crafts the missing shards (with ``worker=(i, n)`` only every n-th, from the i-th), then writes the table
@@ -586,6 +619,7 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
     """
     start = time.time()
     out = Path(out)
+    check_overwrite(out, config, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     ds = dataset if dataset is not None else data.load_dataset(config.dataset, data_dir=data_dir, source=source)
     applies, params, cards = load_networks(config.dataset, checkpoints, train_missing, data_dir)
@@ -745,6 +779,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="C&W's abort-early (default on, as the C&W reference code)")
     parser.add_argument("--ead-momentum", dest="ead_momentum", choices=EAD_MOMENTA, default=None,
                         help="FISTA momentum of EAD (default reference: (k+1)/(k+4), as the EAD code computes it)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a table of another configuration in --out (default: refuse)")
     parser.add_argument("--partial", action="store_true",
                         help="write a labelled table from the shards present even if some are missing")
     parser.add_argument("--worker", default="0/1",
@@ -761,8 +797,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = " ".join(["python", "-m", "eval.tables", *(sys.argv[1:] if argv is None else argv)])
     try:
         result = run(config, out, data_dir=args.data_dir, source=args.source, checkpoints=args.checkpoints,
-                     train_missing=args.train_missing, command=command, partial=args.partial, worker=worker)
-    except (checkpoint.CheckpointError, data.DataError) as err:
+                     train_missing=args.train_missing, command=command, partial=args.partial, worker=worker,
+                     overwrite=args.overwrite)
+    except (checkpoint.CheckpointError, data.DataError, OverwriteError) as err:
         parser.exit(2, f"error: {err}\n")
     if not result["complete"] and "cells" not in result:
         return result

@@ -101,6 +101,20 @@ def test_outputs_schema_and_resume(tiny_setup, tmp_path):
     assert len(timings) == 8 + 2 and json.loads(timings[-1])["seconds"] > 0     # one line per attack call
 
 
+def test_a_table_of_another_configuration_is_not_overwritten(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "table.json").write_text(json.dumps({"config": json.loads(json.dumps(dataclasses.asdict(TINY)))}))
+    tables.check_overwrite(out, TINY, overwrite=False)                                  # same configuration
+    tables.check_overwrite(out, dataclasses.replace(TINY, shard_size=2, kappas_per_call=0), overwrite=False)
+    with pytest.raises(tables.OverwriteError, match=r"(?s)another configuration.*n_images: 6 there, 2 now"):
+        tables.check_overwrite(out, dataclasses.replace(TINY, n_images=2), overwrite=False)
+    tables.check_overwrite(out, dataclasses.replace(TINY, n_images=2), overwrite=True)
+    with pytest.raises(SystemExit) as exc:
+        tables.main(["--dataset", "mnist", "--quick", "--n-images", "2", "--out", str(out)])
+    assert exc.value.code == 2
+
+
 def test_plan_shards_and_jobs():
     config = dataclasses.replace(TINY, n_images=7, kappas=(0.0, 5.0, 10.0), attacks=("ead_l1", "cw_l2"))
     shards = tables.plan_shards(config)

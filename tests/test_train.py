@@ -12,7 +12,7 @@ import pytest
 
 from magnet_mi_jax import checkpoint
 from magnet_mi_jax.models import CifarClassifier, MnistClassifier, cifar_ae, mnist_ae_i, mnist_ae_ii
-from train import autoencoder, classifier, trainer
+from train import autoencoder, classifier, common, trainer
 
 
 @pytest.mark.parametrize("build,shape,out", [
@@ -259,3 +259,30 @@ def test_shipped_cards_hash_the_shipped_weights():
     for name in ("classifier", "ae_i", "ae_ii", "generator"):
         _, params, meta = checkpoint.load_model("mnist", name)       # verifies params_sha256
         assert len(meta["params_sha256"]) == 64
+
+
+@pytest.mark.slow
+def test_a_smoke_run_never_replaces_weights_of_another_configuration(tmp_path, data_dir):
+    import subprocess
+    import sys
+    root = tmp_path / "c"
+
+    def args(limit, epochs, workdir):
+        return ["--dataset", "mnist", "--which", "ae_ii", "--data-dir", str(data_dir), "--train-limit", str(limit),
+                "--batch-size", "64", "--epochs", str(epochs), "--checkpoints", str(root),
+                "--workdir", str(tmp_path / workdir)]
+    autoencoder.main(args(512, 1, "w1"))
+    before = checkpoint.load_model("mnist", "ae_ii", root)[2]["params_sha256"]
+    smoke = args(256, 1, "w2")
+    with pytest.raises(common.ExportError, match=r"(?s)another configuration.*train_limit: 512 there, 256 now"):
+        autoencoder.main(smoke)
+    assert not (tmp_path / "w2" / "checkpoints").exists()                 # refused before any training
+    assert checkpoint.load_model("mnist", "ae_ii", root)[2]["params_sha256"] == before
+    # The same configuration extended by an epoch may replace its own export.
+    autoencoder.main(args(512, 2, "w1"))
+    assert checkpoint.load_model("mnist", "ae_ii", root)[2]["params_sha256"] != before
+    # As a command: one line on stderr, exit status 2, no traceback.
+    proc = subprocess.run([sys.executable, "-m", "train.autoencoder", *smoke], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    autoencoder.main([*smoke, "--overwrite"])
+    assert checkpoint.load_model("mnist", "ae_ii", root)[2]["train_limit"] == 256

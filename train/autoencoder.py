@@ -106,6 +106,10 @@ def main(argv: list[str] | None = None) -> dict:
     command = common.command_line(argv, "train.autoencoder")
     config = common.override(VARIANTS[args.variant](args.dataset), args)
     ds = common.load_data(args)
+    # The cosine schedule spans the whole run, so its length is part of the configuration.
+    resumable = () if config.cosine_decay else ("epochs",)
+    run_config = common.run_config(args, args.which, config, ds, resumable)
+    common.check_export_target(args, args.which, run_config)
 
     module = checkpoint.model_spec(args.dataset, args.which).build()
     init_key, state_key = jax.random.split(jax.random.key(args.seed))
@@ -118,21 +122,19 @@ def main(argv: list[str] | None = None) -> dict:
     update_fn = trainer.make_update_fn(make_loss_fn(module, config), tx)
     loop = trainer.LoopConfig(epochs=config.epochs, batch_size=config.batch_size, seed=args.seed,
                               workdir=common.workdir(args, args.which))
-    # The cosine schedule spans the whole run, so its length is part of the configuration.
-    resumable = () if config.cosine_decay else ("epochs",)
     arrays = {"image": ds.train_x}
     if config.noise == "fixed":
         arrays["noisy"] = fixed_noisy_copy(ds.train_x, config.noise_sigma, args.seed)
     state, history = trainer.fit(loop, state, update_fn, arrays,
                                  lambda p: reconstruction_errors(module, p, ds.val_x),
                                  desc=f"{args.dataset} {args.which}",
-                                 run_config=common.run_config(args, args.which, config, ds, resumable))
+                                 run_config=run_config)
     test = reconstruction_errors(module, state.params, ds.test_x)
     metrics = {"variant": args.variant, "test_mse": test["mse"], "test_mae": test["mae"],
                "train_seconds": float(np.sum([h["seconds"] for h in history])) if history else None}
-    common.export(args, args.which, state.params, config, ds, command, metrics, history)
+    common.export(args, args.which, state.params, config, ds, command, metrics, history, resumable)
     return metrics
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     command = common.command_line(argv, "train.classifier")
     config = common.override(CONFIGS[args.dataset], args)
     ds = common.load_data(args)
+    run_config = common.run_config(args, "classifier", config, ds)
+    common.check_export_target(args, "classifier", run_config)
 
     spec = checkpoint.model_spec(args.dataset, "classifier")
     module = spec.build()
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
                               workdir=common.workdir(args, "classifier"))
     state, history = trainer.fit(loop, state, update_fn, {"image": ds.train_x, "label": ds.train_y},
                                  evaluate, desc=f"{args.dataset} classifier",
-                                 run_config=common.run_config(args, "classifier", config, ds))
+                                 run_config=run_config)
     metrics = {
         "test_accuracy": common.accuracy(logits_of(state.params, ds.test_x), ds.test_y),
         "val_accuracy": evaluate(state.params)["accuracy"],
@@ -148,4 +150,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

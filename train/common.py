@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shlex
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -33,6 +34,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                         help="resumable run state (default: workdirs/<dataset>/<model>); rerun to resume")
     parser.add_argument("--checkpoints", default=None,
                         help="where the trained weights are exported (default: the repository's checkpoints/)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace trained weights of another configuration at the export target (default: "
+                             "refuse, so a smoke run never silently replaces shipped weights)")
     parser.add_argument("--fresh", action="store_true",
                         help="discard the run state in --workdir and start from scratch (default: resume it, "
                              "which is refused if it was started with another configuration)")
@@ -79,16 +83,56 @@ def run_config(args: argparse.Namespace, name: str, config, ds: data.Dataset,
             "data_source": ds.source, "data_md5": ds.md5, "config": fields}
 
 
+class ExportError(RuntimeError):
+    """The export target holds trained weights of another configuration."""
+
+
+def export_dir(args: argparse.Namespace, name: str) -> Path:
+    return checkpoint.checkpoints_dir(args.checkpoints) / args.dataset / name
+
+
+def check_export_target(args: argparse.Namespace, name: str, run: dict[str, Any]) -> None:
+    """Refuses (without ``--overwrite``) to export over weights whose card describes another configuration.
+
+    Called before training starts and again before writing. The same configuration (e.g. a run extended by more
+    epochs) may replace its own earlier export. ``run`` is :func:`run_config`'s description of this run.
+
+    Raises:
+      ExportError: naming the folder, the differing fields and the ways out.
+    """
+    target = export_dir(args, name)
+    card = checkpoint.read_meta(target)
+    if not card or getattr(args, "overwrite", False):
+        return
+    stored = card.get("run_config") or {
+        "model": card.get("model"), "seed": card.get("seed"), "train_limit": card.get("train_limit"),
+        "data_source": card.get("data_source"), "data_md5": card.get("data_md5"),
+        "config": {k: v for k, v in (card.get("config") or {}).items() if k in run["config"]}}
+    wanted = json.loads(json.dumps(run, default=str))
+    diffs = [f"{k}: {stored.get(k)!r} there, {wanted.get(k)!r} now" for k in sorted(wanted) if k != "config"
+             and stored.get(k) != wanted.get(k)]
+    diffs += [f"config.{k}: {stored.get('config', {}).get(k)!r} there, {v!r} now"
+              for k, v in sorted(wanted["config"].items()) if stored.get("config", {}).get(k) != v]
+    if diffs:
+        raise ExportError(f"{target} holds trained weights of another configuration (card: "
+                          f"{card.get('command', '?')}):\n  " + "\n  ".join(diffs) +
+                          "\nExport elsewhere with --checkpoints DIR, or pass --overwrite to replace them.")
+
+
 def command_line(argv: list[str] | None, module: str) -> str:
     argv = sys.argv[1:] if argv is None else argv
     return " ".join(["python", "-m", module, *map(shlex.quote, argv)])
 
 
 def export(args: argparse.Namespace, name: str, params: Any, config, ds: data.Dataset, command: str,
-           metrics: dict[str, Any], history: list[dict]) -> Path:
-    """Writes the trained weights and their card to ``<checkpoints>/<dataset>/<name>``."""
+           metrics: dict[str, Any], history: list[dict], resumable_fields: tuple[str, ...] = ("epochs",)) -> Path:
+    """Writes the trained weights and their card to ``<checkpoints>/<dataset>/<name>`` (refusing, without
+    ``--overwrite``, to replace weights of another configuration: :func:`check_export_target`)."""
+    run = run_config(args, name, config, ds, resumable_fields)
+    check_export_target(args, name, run)
     meta = {
         "model": f"{args.dataset}/{name}",
+        "run_config": run,
         "command": command,
         "seed": args.seed,
         "config": dataclasses.asdict(config),
@@ -100,10 +144,20 @@ def export(args: argparse.Namespace, name: str, params: Any, config, ds: data.Da
         "metrics": metrics,
         "history": history,
     }
-    out = checkpoint.checkpoints_dir(args.checkpoints) / args.dataset / name
+    out = export_dir(args, name)
     checkpoint.save_params(out, params, meta)
     print(f"saved {args.dataset}/{name} to {out}: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
     return out
+
+
+def cli(main: Callable[[], Any]) -> None:
+    """Runs an entry point's ``main`` as a command: expected failures (bad data, checkpoint, work folder or
+    export target) print one line naming the problem and exit with status 2 instead of a traceback."""
+    try:
+        main()
+    except (data.DataError, checkpoint.CheckpointError, ExportError, trainer.RunConfigError) as err:
+        sys.stderr.write(f"error: {err}\n")
+        raise SystemExit(2) from None
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

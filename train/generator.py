@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                               ("class_weight", args.class_weight),
                                                               ("eval_images", args.eval_images)) if v is not None})
     ds = common.load_data(args)
+    resumable = ("epochs", "eval_images")
+    run_config = common.run_config(args, "generator", config, ds, resumable)
+    common.check_export_target(args, "generator", run_config)
 
     spec = checkpoint.model_spec(args.dataset, "generator")
     module = spec.build()
@@ -176,8 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
                               workdir=common.workdir(args, "generator"))
     state, history = trainer.fit(loop, state, update_fn, {"image": ds.train_x, "label": ds.train_y},
                                  evaluate, desc=f"{args.dataset} generator",
-                                 run_config=common.run_config(args, "generator", config, ds,
-                                                              ("epochs", "eval_images")))
+                                 run_config=run_config)
     final = averaged(state.params)
     test = measure(module, final, ds.test_x[:n_eval], ds.test_y[:n_eval], classify)
     for key in ("conditional_accuracy", "conditional_accuracy_per_class", "reconstruction_accuracy"):
@@ -193,9 +195,9 @@ def main(argv: list[str] | None = None) -> dict:
         "parameters": {name: int(sum(np.size(a) for a in jax.tree.leaves(final["params"][name])))
                        for name in alpha_gan.NETWORKS},
     }
-    common.export(args, "generator", final, config, ds, command, metrics, history)
+    common.export(args, "generator", final, config, ds, command, metrics, history, resumable)
     return metrics
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)
