@@ -354,7 +354,8 @@ def load_cells(results: Path, table: Mapping[str, Any], ds: data.Dataset, classi
     config = _tables_config(table)
     indices = np.asarray(table["indices"], np.int64)
     context = tables.cache_context(config.dataset, ds, indices, classifier_params)
-    by_name = {tables.shard_path(results / "cache", config, shard, context, indices).name: shard
+    cache_dir = results / table.get("cache", "cache")          # the run's shard folder, relative to its results
+    by_name = {tables.shard_path(cache_dir, config, shard, context, indices).name: shard
                for shard in tables.plan_shards(config)}
     cells = {}
     for key, row in table["cells"].items():
@@ -370,7 +371,7 @@ def load_cells(results: Path, table: Mapping[str, Any], ds: data.Dataset, classi
                     "than those loaded; pass the run's --checkpoints (or --no-check-cache-key to score anyway)")
         shards = []
         for name in row["shards"]:
-            path = results / "cache" / name
+            path = cache_dir / name
             shard = by_name.get(name) or _shard_from_name(name, config)
             try:
                 loaded = tables.load_shard(path, shard, ds.image_shape)

@@ -610,12 +610,14 @@ def check_overwrite(out: Path, config: TablesConfig, overwrite: bool) -> None:
 def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source: str = "auto",
         checkpoints: str | None = None, train_missing: bool = False, command: str = "",
         dataset: data.Dataset | None = None, eval_batch: int = 500, partial: bool = False,
-        worker: tuple[int, int] = (0, 1), overwrite: bool = False) -> dict[str, Any]:
+        worker: tuple[int, int] = (0, 1), overwrite: bool = False, cache_dir: str | Path | None = None
+        ) -> dict[str, Any]:
     """Runs the protocol and writes every output into ``out``; returns the JSON result.
 
     Crafts the missing shards (with ``worker=(i, n)`` only every n-th, from the i-th), then writes the table
     if every shard exists, or with ``partial`` a labelled table from the shards present; otherwise returns
-    ``{"complete": False, ...}`` and writes no table.
+    ``{"complete": False, ...}`` and writes no table. Shards live in ``cache_dir`` (default ``out/cache``);
+    runs that share it share every shard they have in common (same settings, images and classifier).
     """
     start = time.time()
     out = Path(out)
@@ -650,7 +652,7 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
     context = cache_context(config.dataset, ds, indices, params["classifier"])
 
     # Every shard on disk is checked here, before any long computation.
-    cache_dir = out / "cache"
+    cache_dir = out / "cache" if cache_dir is None else Path(cache_dir)
     shards = plan_shards(config)
     paths = {shard: shard_path(cache_dir, config, shard, context, indices) for shard in shards}
     crafted = {shard: load_shard(paths[shard], shard, ds.image_shape) for shard in shards}
@@ -715,6 +717,7 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
         "dataset": config.dataset, "quick": config.quick, "complete": not absent,
         "shards_done": len(shards) - len(absent), "shards_total": len(shards),
         "deviations_from_paper": {k: list(v) for k, v in config.deviations().items()},
+        "cache": os.path.relpath(cache_dir.resolve(), out.resolve()),
         "config": dataclasses.asdict(config), "seed": config.seed,
         "indices_hash": context["indices"], "indices": indices.tolist(), "data_md5": ds.md5,
         "data_source": ds.source, "git_commit": git_commit(), "device": device_description(),
@@ -781,6 +784,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="FISTA momentum of EAD (default reference: (k+1)/(k+4), as the EAD code computes it)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a table of another configuration in --out (default: refuse)")
+    parser.add_argument("--cache", default=None,
+                        help="folder of the attack shards (default <out>/cache); runs sharing it reuse each "
+                             "other's shards where settings, images and classifier agree")
     parser.add_argument("--partial", action="store_true",
                         help="write a labelled table from the shards present even if some are missing")
     parser.add_argument("--worker", default="0/1",
@@ -798,7 +804,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         result = run(config, out, data_dir=args.data_dir, source=args.source, checkpoints=args.checkpoints,
                      train_missing=args.train_missing, command=command, partial=args.partial, worker=worker,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, cache_dir=args.cache)
     except (checkpoint.CheckpointError, data.DataError, OverwriteError) as err:
         parser.exit(2, f"error: {err}\n")
     if not result["complete"] and "cells" not in result:

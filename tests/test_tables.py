@@ -101,6 +101,21 @@ def test_outputs_schema_and_resume(tiny_setup, tmp_path):
     assert len(timings) == 8 + 2 and json.loads(timings[-1])["seconds"] > 0     # one line per attack call
 
 
+def test_runs_sharing_a_cache_share_their_common_shards(tiny_setup, tmp_path):
+    cache = tmp_path / "shared-cache"
+    ckpt, small = tiny_setup
+    small_config = dataclasses.replace(TINY, attacks=("cw_l2",), kappas=(0.0,), n_images=3)
+    first = tables.run(small_config, tmp_path / "a", checkpoints=str(ckpt), dataset=small, eval_batch=200,
+                       cache_dir=cache)
+    shard0 = cache / first["cells"]["cw_l2/0"]["shards"][0]
+    mtime = shard0.stat().st_mtime_ns
+    second = tables.run(dataclasses.replace(small_config, n_images=6), tmp_path / "b", checkpoints=str(ckpt),
+                        dataset=small, eval_batch=200, cache_dir=cache)
+    assert second["cells"]["cw_l2/0"]["shards"][0] == shard0.name and shard0.stat().st_mtime_ns == mtime
+    assert len(list(cache.glob("cw_*.npz"))) == 2 and second["cache"] == "../shared-cache"
+    assert not (tmp_path / "b" / "cache").exists()
+
+
 def test_a_table_of_another_configuration_is_not_overwritten(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
