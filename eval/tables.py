@@ -72,6 +72,7 @@ FAMILY_ATTACKS = {"cw": ("cw_l2",), "ead": ("ead_l1", "ead_en")}      # run -> e
 ATTACK_TITLES = {"cw_l2": "C&W-L2", "ead_l1": "EAD-L1", "ead_en": "EAD-EN"}
 DEFENSES = ("magnet", "mi_magnet")
 DEFENSE_TITLES = {"magnet": "MagNet", "mi_magnet": "MI-MagNet"}
+TEST_IMAGES = 10_000      # MNIST's and CIFAR-10's test sets
 CACHE_FORMAT = 2     # 2: shards (attack run x kappa x image slice), compressed
 
 
@@ -108,8 +109,16 @@ class TablesConfig:
             raise ValueError(f"cw_iterations must be >= 1 (or None), got {self.cw_iterations}")
         if self.kappas_per_call < 0:
             raise ValueError(f"kappas_per_call must be >= 0 (0: the whole grid), got {self.kappas_per_call}")
-        if not self.kappas or min(self.kappas) < 0:
-            raise ValueError(f"kappas must be a non-empty grid of values >= 0, got {self.kappas}")
+        if not self.kappas or not all(np.isfinite(k) and k >= 0 for k in self.kappas):
+            raise ValueError(f"kappas must be a non-empty grid of finite values >= 0, got {self.kappas}")
+        if len(set(self.kappas)) != len(self.kappas):
+            raise ValueError(f"kappas must not repeat a value, got {self.kappas}")
+        if self.n_images > TEST_IMAGES:
+            raise ValueError(f"n_images must be at most the {TEST_IMAGES} test images, got {self.n_images}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not (np.isfinite(self.mi_temperature) and self.mi_temperature > 0):
+            raise ValueError(f"mi_temperature must be a finite value > 0, got {self.mi_temperature}")
         unknown = set(self.attacks) - set(ATTACKS)
         if unknown or not self.attacks:
             raise ValueError(f"attacks must be a non-empty subset of {ATTACKS}, got {self.attacks}")
@@ -622,7 +631,6 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
     start = time.time()
     out = Path(out)
     check_overwrite(out, config, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
     ds = dataset if dataset is not None else data.load_dataset(config.dataset, data_dir=data_dir, source=source)
     applies, params, cards = load_networks(config.dataset, checkpoints, train_missing, data_dir)
 
@@ -725,6 +733,7 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
         "clean_accuracy": clean, "cells": cells,
         "models": {k: card_summary(c) for k, c in cards.items()},
     }
+    out.mkdir(parents=True, exist_ok=True)
     (out / "table.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     (out / "table.md").write_text(render_markdown(result))
     (out / "table.csv").write_text(render_csv(result))
@@ -743,7 +752,10 @@ def build_config(args: argparse.Namespace) -> TablesConfig:
     if args.cw_abort_early is not None:
         changes["cw_abort_early"] = args.cw_abort_early == "on"
     if args.kappas is not None:
-        changes["kappas"] = tuple(float(k) for k in args.kappas.split(","))
+        try:
+            changes["kappas"] = tuple(float(k) for k in args.kappas.split(","))
+        except ValueError:
+            raise SystemExit(f"error: --kappas takes comma-separated numbers, e.g. 0,10,20; got {args.kappas!r}") from None
     if args.attacks is not None:
         unknown = set(args.attacks.split(",")) - set(ATTACKS)
         if unknown:

@@ -227,11 +227,23 @@ def test_workers_share_a_campaign_and_partial_tables_are_labelled(tiny_setup, tm
 
 def test_config_rejects_bad_values():
     for bad in (dict(kappas_per_call=-1), dict(shard_size=0), dict(cw_iterations=0), dict(kappas=()),
-                dict(kappas=(-1.0,)), dict(attacks=("fgsm",)), dict(n_images=0), dict(ead_momentum="x")):
+                dict(kappas=(-1.0,)), dict(attacks=("fgsm",)), dict(n_images=0), dict(ead_momentum="x"),
+                dict(kappas=(float("nan"),)), dict(kappas=(0.0, 10.0, 0.0)), dict(n_images=20000), dict(seed=-1),
+                dict(mi_temperature=0.0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             dataclasses.replace(TINY, **bad)
-    with pytest.raises(SystemExit, match="kappas_per_call"):
-        tables.main(["--dataset", "mnist", "--quick", "--kappas-per-call", "-2"])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--kappas-per-call", "-2"], "kappas_per_call"), (["--n-images", "20000"], "n_images must be at most"),
+    (["--kappas", "nan"], "finite"), (["--kappas", "0,abc"], "comma-separated numbers"),
+    (["--kappas", "0,10,0.0"], "repeat"), (["--seed", "-1"], "seed"), (["--mi-temperature", "0"], "mi_temperature"),
+])
+def test_bad_flags_fail_at_once_with_one_line_and_create_nothing(tmp_path, flags, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=message):
+        tables.main(["--dataset", "mnist", "--quick", "--out", str(out), *flags])
+    assert not out.exists()
 
 
 def test_shards_never_unpickle_and_bad_files_name_themselves(tmp_path):
