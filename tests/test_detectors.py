@@ -412,3 +412,20 @@ def test_mi_detector_with_its_own_reformer():
     p_y = jax.nn.softmax(applies["classifier"](params["classifier"], jnp.clip(0.8 * rand_images(5) + 0.1, 0, 1)))
     np.testing.assert_allclose(out.mi.p_y, p_y, rtol=1e-5, atol=1e-7)
     assert not np.allclose(out.mi.p_y, jax.nn.softmax(out.reformed_logits))
+
+
+def test_defense_rejects_images_off_magnets_scale():
+    applies, params = toy_defense_networks()
+    forward = defense.make_defense_fn(defense.mi_magnet(TOY_MAGNET), applies)
+    x = np.asarray(rand_images(3))
+    forward(params, x)                                                 # in [0, 1]: fine
+    nan = x.copy()
+    nan[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="finite: 1 NaN"):
+        forward(params, nan)
+    with pytest.raises(ValueError, match=r"in \[0, 1\].*divide 0-255 images by 255"):
+        forward(params, x * 255.0)
+    with pytest.raises(ValueError, match="dtype uint8"):
+        forward(params, (x * 255).astype(np.uint8))
+    unchecked = defense.make_defense_fn(defense.mi_magnet(TOY_MAGNET), applies, check_range=False)
+    assert np.isfinite(np.asarray(unchecked(params, nan).scores["MI"])).all()   # why the check exists

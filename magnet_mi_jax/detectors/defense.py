@@ -185,10 +185,38 @@ def defense_forward(spec: Spec, applies: Mapping[str, Apply], params: Mapping[st
     return DefenseOutputs(scores, out.logits, out.reformed, out.reformed_logits, mi_out)
 
 
-def make_defense_fn(spec: Spec, applies: Mapping[str, Apply]) -> Callable[[Mapping[str, Any], Any], DefenseOutputs]:
-    """``jax.jit`` of :func:`defense_forward` with ``spec`` and ``applies`` fixed: ``f(params, x)``."""
+def make_defense_fn(spec: Spec, applies: Mapping[str, Apply], check_range: bool = True
+                    ) -> Callable[[Mapping[str, Any], Any], DefenseOutputs]:
+    """``jax.jit`` of :func:`defense_forward` with ``spec`` and ``applies`` fixed: ``f(params, x)``.
+
+    With ``check_range`` (default) concrete inputs are checked on the host first: float images, finite, in
+    [0, 1] (a NaN image would otherwise get a finite MI score, NaN probabilities counting as 0 in the
+    entropies, and 0-255 images would be scored as if they were valid); traced inputs are not checked.
+    """
     check_networks(spec.network_keys, applies, dict.fromkeys(spec.network_keys))
-    return jax.jit(functools.partial(defense_forward, spec, dict(applies)))
+    forward = jax.jit(functools.partial(defense_forward, spec, dict(applies)))
+    if not check_range:
+        return forward
+
+    def checked(params, x):
+        check_images(x)
+        return forward(params, x)
+    return checked
+
+
+def check_images(x) -> None:
+    """Raises ValueError unless ``x`` (concrete) is a float array of finite values in [0, 1]; tracers pass."""
+    if isinstance(x, jax.core.Tracer):
+        return
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"images must be floats in [0, 1], got dtype {x.dtype}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"images must be finite: {int(np.sum(~np.isfinite(x)))} NaN or infinite values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"images must lie in [0, 1] (MagNet's scale), got values in [{lo:g}, {hi:g}]"
+                         + ("; divide 0-255 images by 255" if hi > 1.0 + 1e-6 and hi <= 255.0 else ""))
 
 
 def calibrate(spec: Spec, validation_scores: Mapping[str, Any], allow_fewer: bool = False) -> dict[str, float]:
