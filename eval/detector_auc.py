@@ -425,6 +425,10 @@ def run(results: str | Path, *, dataset_name: str, checkpoints: str | None = Non
         raise AnalysisError(f"n_natural={n_natural}, but the validation split has {len(ds.val_x)} images")
     ckpt = checkpoints if checkpoints is not None else run_checkpoints(table)
     applies, params, cards = tables.load_networks(dataset_name, ckpt, False, data_dir)
+    try:
+        tables.check_cards_against_data(cards, ds)
+    except data.DataError as err:
+        raise AnalysisError(str(err)) from err
     cells = load_cells(results, table, ds, params["classifier"], check_cache_key)
     warnings = []
     for name, card in cards.items():  # the cache key pins the classifier only; compare the other models' cards

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from magnet_mi_jax import checkpoint, data
-from eval.tables import load_networks, paper_clean
+from eval.tables import check_cards_against_data, load_networks, paper_clean
 from magnet_mi_jax.detectors import (MAGNET_PRESETS, MagNet, calibrate, clean_accuracy, decide, flags,
                                      make_defense_fn, map_batches, num_rejected)
 from magnet_mi_jax.utils import device_description, git_commit
@@ -126,7 +126,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         applies, params, cards = load_networks(args.dataset, args.checkpoints, names=spec.network_keys)
     except checkpoint.CheckpointError as err:
         parser.exit(2, f"error: {err}\n")
-    ds = data.load_dataset(args.dataset, data_dir=args.data_dir, source=args.source)
+    try:
+        ds = data.load_dataset(args.dataset, data_dir=args.data_dir, source=args.source)
+        check_cards_against_data(cards, ds)
+    except data.DataError as err:
+        parser.exit(2, f"error: {err}\n")
     start = time.time()
     result = evaluate_clean(spec, applies, params, ds, args.batch_size, args.val_limit, args.test_limit)
     result.update(dataset=args.dataset, seconds=round(time.time() - start, 1), git_commit=git_commit(),

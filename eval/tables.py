@@ -248,6 +248,12 @@ def load_networks(dataset: str, checkpoints: str | None, train_missing: bool = F
     return applies, params, cards
 
 
+def check_cards_against_data(cards: Mapping[str, Mapping[str, Any]], ds: data.Dataset) -> None:
+    """:func:`magnet_mi_jax.data.check_model_data` for every loaded model's card."""
+    for name, card in cards.items():
+        data.check_model_data(ds, dict(card), f"{ds.name}/{name}")
+
+
 def _train(dataset: str, name: str, checkpoints: str | None, data_dir: str | None) -> None:
     common = ["--dataset", dataset] + (["--checkpoints", checkpoints] if checkpoints else []) + (
         ["--data-dir", data_dir] if data_dir else [])
@@ -633,6 +639,7 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
     check_overwrite(out, config, overwrite)
     ds = dataset if dataset is not None else data.load_dataset(config.dataset, data_dir=data_dir, source=source)
     applies, params, cards = load_networks(config.dataset, checkpoints, train_missing, data_dir)
+    check_cards_against_data(cards, ds)
 
     magnet = MAGNET_PRESETS[config.dataset]
     spec = mi_magnet(magnet, reading=config.mi_reading, temperature=config.mi_temperature)
@@ -817,7 +824,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = run(config, out, data_dir=args.data_dir, source=args.source, checkpoints=args.checkpoints,
                      train_missing=args.train_missing, command=command, partial=args.partial, worker=worker,
                      overwrite=args.overwrite, cache_dir=args.cache)
-    except (checkpoint.CheckpointError, data.DataError, OverwriteError) as err:
+    except (checkpoint.CheckpointError, data.DataError, OverwriteError) as err:   # one line, exit status 2
         parser.exit(2, f"error: {err}\n")
     if not result["complete"] and "cells" not in result:
         return result

@@ -25,6 +25,7 @@ import dataclasses
 import gzip
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +36,20 @@ DATASETS = ("mnist", "cifar10")
 VALIDATION_SIZE = 5000
 NUM_CLASSES = 10
 IMAGE_SHAPES = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+
+#: The published md5 checksums of the official distribution files.
+OFFICIAL_MD5 = {
+    "mnist": {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+              "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+              "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+              "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"},
+    "cifar10": {"data_batch_1.bin": "5dd7e06a14cb22eb9f671a540d1b7c25",
+                "data_batch_2.bin": "5ea93a67294ea407fff1d09f752e9692",
+                "data_batch_3.bin": "942cd6a4bcdd0dd3c604fbe906cb4421",
+                "data_batch_4.bin": "ae636b3ba5c66a11e91e8cb52e771fcb",
+                "data_batch_5.bin": "53f37980c15c3d472c316c40844f3f0d",
+                "test_batch.bin": "803d5f7f4d78ea53de84dbe85f74fb6d"},
+}
 
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -89,6 +104,30 @@ class Dataset:
 # --------------------------------------------------------------------------------------------------
 # Raw official files.
 # --------------------------------------------------------------------------------------------------
+
+
+def check_model_data(ds: Dataset, card: dict, model: str) -> None:
+    """Compares the data files a model's card records with those loaded (``ds.md5``).
+
+    Nothing to compare when either side has no md5s (TFDS, old cards). A file whose md5 differs is an error
+    when the card recorded the official file (the loaded one is then not the official data, e.g. training
+    files replaced by test files), otherwise a warning naming the files.
+
+    Raises:
+      DataError: the model was trained on an official file and another file of that name was loaded.
+    """
+    recorded = card.get("data_md5") or {}
+    if not recorded or not ds.md5:
+        return
+    differ = {f: (recorded[f], ds.md5.get(f)) for f in recorded if ds.md5.get(f) != recorded[f]}
+    if not differ:
+        return
+    official = OFFICIAL_MD5.get(ds.name, {})
+    text = "; ".join(f"{f}: card {want}, loaded {got}" for f, (want, got) in differ.items())
+    if any(official.get(f) == want for f, (want, _) in differ.items()):
+        raise DataError(f"{model} was trained on the official {ds.name} files, but other files were loaded ({text}); "
+                        "point --data-dir at the official files")
+    warnings.warn(f"{model} was trained on other data files than those loaded ({text})", stacklevel=2)
 
 
 def md5sum(path: str | os.PathLike) -> str:

@@ -188,3 +188,21 @@ def test_select_attack_indices_is_seeded_and_correct_only():
     assert data.indices_hash(a) == data.indices_hash(b) != data.indices_hash(c)
     with pytest.raises(ValueError, match="only .* correctly classified"):
         data.select_attack_indices(labels, preds, n=499, seed=0)
+
+
+def test_model_cards_are_checked_against_the_loaded_files(mnist):
+    import dataclasses
+    import warnings
+    official = {"data_md5": dict(data.OFFICIAL_MD5["mnist"])}
+    data.check_model_data(mnist, official, "mnist/classifier")                  # the official files: fine
+    data.check_model_data(mnist, {}, "mnist/classifier")                        # an old card: nothing to compare
+    swapped = dataclasses.replace(mnist, md5={**mnist.md5, "train-images-idx3-ubyte.gz": "0" * 32})
+    with pytest.raises(data.DataError, match=r"trained on the official mnist files.*train-images-idx3-ubyte.gz"):
+        data.check_model_data(swapped, official, "mnist/classifier")
+    other = {"data_md5": {**official["data_md5"], "train-images-idx3-ubyte.gz": "1" * 32}}
+    with pytest.warns(UserWarning, match="other data files than those loaded"):
+        data.check_model_data(swapped, other, "mnist/classifier")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.check_model_data(dataclasses.replace(mnist, md5={}), official, "mnist/classifier")   # TFDS: no md5s
+    assert mnist.md5 == data.OFFICIAL_MD5["mnist"]
