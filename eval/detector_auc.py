@@ -1,8 +1,8 @@
 """ROC AUC of every detector score, natural vs adversarial: ``python -m eval.detector_auc --dataset mnist
 --results results/mnist-quick``.
 
-Measures which MI reading and temperature separates natural from adversarial inputs (DESIGN.md section 5,
-GitHub issue 4), beside MagNet's own detectors. Inputs:
+Measures which MI reading and temperature separates natural from adversarial inputs (docs/design.md,
+section 5), beside MagNet's own detectors. Inputs:
 
 * the attack cells of an :mod:`eval.tables` run (``<results>/table.json`` and ``<results>/cache/*.npz``):
   for every (attack, kappa) cell, the adversarial examples whose attack succeeded (positives);

@@ -2,7 +2,7 @@
 
     python -m eval.magnet_clean --dataset mnist [--data-dir D] [--checkpoints C] [--json out.json]
 
-Calibrates every detector of the dataset's MagNet preset (DESIGN.md section 5) on the 5,000 validation images
+Calibrates every detector of the dataset's MagNet preset (docs/design.md, section 4) on the 5,000 validation images
 (threshold = n-th largest natural score, n = floor(N r)), then on the 10,000 test images reports
 
 * clean accuracy with MagNet: passes every detector AND argmax Z(R(x)) is right (paper: MNIST 99.13%,

@@ -1,6 +1,6 @@
 """Reproduces the paper's Tables 1 and 2: ``python -m eval.tables --dataset mnist|cifar10 [--quick]``.
 
-Protocol (Hsu et al. 2018, Section 4; DESIGN.md section 6):
+Protocol (Hsu et al. 2018, Section 4; docs/design.md, sections 3-6):
 
 1. Load the shipped classifier, MagNet auto-encoders and conditional alpha-GAN (``--checkpoints``); a missing
    model is an error naming the command that trains it, or is trained with ``--train-missing``.
@@ -78,7 +78,7 @@ CACHE_FORMAT = 2     # 2: shards (attack run x kappa x image slice), compressed
 
 @dataclasses.dataclass(frozen=True)
 class TablesConfig:
-    """Everything that determines a table. Defaults: the paper's protocol (DESIGN.md sections 4-6)."""
+    """Everything that determines a table. Defaults: the paper's protocol (docs/design.md, sections 3-6)."""
 
     dataset: str
     kappas: tuple[float, ...]

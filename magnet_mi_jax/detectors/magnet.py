@@ -24,7 +24,7 @@ A defense is described by a small frozen dataclass, :class:`MagNet`, naming the 
 networks themselves come as two mappings, ``applies`` (key -> apply function, static) and ``params``
 (key -> parameter pytree, traced). :func:`magnet_forward` computes every detector's score, the classifier's
 logits on x and on the reformed x in one pass, sharing each auto-encoder's output between the detectors that
-use it. Presets: :data:`MNIST_MAGNET` and :data:`CIFAR10_MAGNET` (DESIGN.md section 5).
+use it. Presets: :data:`MNIST_MAGNET` and :data:`CIFAR10_MAGNET` (docs/design.md, section 4).
 """
 
 from __future__ import annotations

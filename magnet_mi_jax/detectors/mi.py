@@ -13,7 +13,7 @@ encoder E and class-conditional generator G of the alpha-GAN, and a softmax temp
     H(X,Y)   =  H(Y) + H(X|Y)
     d_J      =  1 - I(X;Y) / H(X,Y)                     (Jaccard distance; x is adversarial if d_J > theta)
 
-The paper's equations are not fully recoverable, so two readings are offered (DESIGN.md section 5):
+The paper's equations are not fully recoverable, so two readings are offered (docs/design.md, section 5):
 
 * ``"literal"`` (default): the formulas above, H(X) from the classifier's distribution on x itself. X and Y
   then need not form one joint distribution, so I(X;Y) can be negative and d_J can leave [0, 1].
@@ -216,7 +216,7 @@ def mi_quantities(p_x, p_y, table, reading: str = "literal") -> MIQuantities:
       p_x: (B, K) p_X = softmax(Z(x)/T).
       p_y: (B, K) p_Y = softmax(Z(R(x))/T).
       table: (B, K, K) P[j, i] = p(X = i | Y = j) = softmax(Z(G(E(x), e_j))/T)_i.
-      reading: ``"literal"`` (DESIGN.md default) or ``"consistent"`` (joint q(i, j) = p_Y(j) P[j, i]).
+      reading: ``"literal"`` (the default, docs/design.md section 5) or ``"consistent"`` (joint q(i, j) = p_Y(j) P[j, i]).
 
     Returns:
       :class:`MIQuantities` of (B,) arrays in the inputs' dtype.

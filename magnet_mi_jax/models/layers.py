@@ -4,7 +4,7 @@
 the package switches convolution implementation in one place without changing its parameter tree
 (``{"kernel": (kh, kw, c_in, c_out), "bias": (c_out,)}``, exactly as ``nn.Conv``).
 
-Why (measured on the project's 2-core x86-64 machine, jaxlib 0.10.2; see BENCHMARKS.md and PERF_NOTES.md):
+Why (measured on the project's 2-core x86-64 machine, jaxlib 0.10.2; see BENCHMARKS.md):
 
 * XLA:CPU lowers a convolution that stands alone (its own fusion) to YNNPACK by default, single-threaded,
   and with **all-zero padding** (``"VALID"``, or a 1x1 ``"SAME"``) on a path about 4-8x slower than the same
