@@ -783,14 +783,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--source", default="auto", choices=("auto", "files", "tfds"))
     parser.add_argument("--checkpoints", default=None, help="trained weights (default: the repository's checkpoints/)")
     parser.add_argument("--train-missing", action="store_true", help="train models that have no checkpoint")
-    parser.add_argument("--n-images", dest="n_images", type=int, default=None)
-    parser.add_argument("--kappas", default=None, help="comma-separated kappa grid, e.g. 0,10,20")
+    parser.add_argument("--n-images", dest="n_images", type=int, default=None,
+                        help="attacked images (default 1,000; --quick: MNIST 100, CIFAR-10 50)")
+    parser.add_argument("--kappas", default=None,
+                        help="comma-separated kappa grid, e.g. 0,10,20 (default MNIST 0,5,...,40, CIFAR-10 "
+                             "0,10,...,80; --quick: MNIST 0,10,...,40, CIFAR-10 0,20,40,80)")
     parser.add_argument("--attacks", default=None, help=f"comma-separated subset of {','.join(ATTACKS)}")
-    parser.add_argument("--iterations", type=int, default=None)
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="iterations per search step (default 1,000; --quick: MNIST 100, CIFAR-10 50)")
     parser.add_argument("--cw-iterations", dest="cw_iterations", type=int, default=None,
-                        help="C&W's iterations per search step, if not --iterations")
-    parser.add_argument("--search-steps", dest="search_steps", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
+                        help="C&W's iterations per search step, if not --iterations (--quick MNIST: 1,000)")
+    parser.add_argument("--search-steps", dest="search_steps", type=int, default=None,
+                        help="binary-search steps over c (default 9; --quick CIFAR-10: 6)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the attacked-image selection (default 0)")
     parser.add_argument("--shard-size", dest="shard_size", type=int, default=None,
                         help="attacked images per shard, the unit of work and caching (default 100; "
                              "another size makes other shards)")

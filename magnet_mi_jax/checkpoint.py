@@ -166,7 +166,10 @@ def load_model(dataset: str, name: str, checkpoints: str | os.PathLike | None = 
     module = spec.build()
     directory = checkpoints_dir(checkpoints) / dataset / name
     if not (directory / "params").is_dir():
-        raise CheckpointError(f"no trained {dataset}/{name} at {directory}; train it with: {spec.train_command}")
+        root = checkpoints_dir(checkpoints)
+        where = "" if root == DEFAULT_CHECKPOINTS else f" --checkpoints {root}"
+        raise CheckpointError(f"no trained {dataset}/{name} at {directory}; train it with: "
+                              f"{spec.train_command}{where}")
     template = (spec.init(module, jax.random.key(0)) if spec.init is not None
                 else init_params(module, dataset, jax.random.key(0)))
     params, meta = load_params(directory, template), read_meta(directory)

@@ -165,7 +165,8 @@ def test_cifar_classifier_trains_a_few_steps(cifar10):
 
 
 def test_load_model_errors(tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match="python -m train.classifier --dataset mnist"):
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=f"python -m train.classifier --dataset mnist --checkpoints {tmp_path.resolve()}$"):
         checkpoint.load_model("mnist", "classifier", tmp_path)
     with pytest.raises(checkpoint.CheckpointError, match="unknown model mnist/resnet"):
         checkpoint.load_model("mnist", "resnet", tmp_path)
