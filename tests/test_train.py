@@ -91,7 +91,15 @@ def test_fit_resumes_mid_epoch_bit_for_bit(tmp_path):
     config_b = trainer.LoopConfig(epochs=3, batch_size=8, seed=0, workdir=tmp_path / "b", checkpoint_every=3)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit(config_b, state0, interrupted, arrays)
-    resumed, _ = trainer.fit(config_b, state0, update_fn, arrays)  # restarts from the step-12 checkpoint
+    seen = []
+
+    def counted(state, batch):
+        seen.append(int(state.step))
+        return update_fn(state, batch)
+    resumed, _ = trainer.fit(config_b, state0, counted, arrays)  # restarts from the step-12 checkpoint
+    # It resumed where the interruption left it (12 steps were done, the save on exit kept them): no finished
+    # step ran again, and the run ended at the full length.
+    assert seen == list(range(12, 24))
     assert int(resumed.step) == 24
     np.testing.assert_array_equal(np.asarray(resumed.params["w"]), np.asarray(reference.params["w"]))
     np.testing.assert_allclose(np.asarray(reference.params["w"]), [1.5, -2.0, 0.5], atol=0.1)
@@ -183,6 +191,49 @@ def test_load_model_errors(tmp_path):
             f.write_bytes(b"garbage")
     with pytest.raises(checkpoint.CheckpointError, match="cannot restore"):
         checkpoint.load_model("mnist", "ae_ii", tmp_path)
+
+
+SIGTERM_SCRIPT = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from test_train import _toy_problem
+from train import trainer
+state0, update_fn, arrays = _toy_problem()
+
+def slow(state, batch):
+    print("step", int(state.step), flush=True)
+    time.sleep(0.2)
+    return update_fn(state, batch)
+trainer.fit(trainer.LoopConfig(epochs=3, batch_size=8, seed=0, workdir=sys.argv[1], checkpoint_every=100), state0,
+            slow, arrays)
+"""
+
+
+def test_sigterm_saves_the_step_reached_and_the_run_resumes_there(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT, str(tmp_path / "w"), tests_dir],
+                            cwd=os.path.dirname(tests_dir), stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:                      # wait until step 10 is under way (epoch 2; no checkpoint yet
+        if line.strip() == "step 10":             # but the end-of-epoch one at step 8)
+            break
+    proc.send_signal(signal.SIGTERM)
+    proc.stdout.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    state0, update_fn, arrays = _toy_problem()
+    seen = []
+
+    def counted(state, batch):
+        seen.append(int(state.step))
+        return update_fn(state, batch)
+    loop = trainer.LoopConfig(epochs=3, batch_size=8, seed=0, workdir=tmp_path / "w", checkpoint_every=100)
+    resumed, _ = trainer.fit(loop, state0, counted, arrays)
+    reference, _ = trainer.fit(dataclasses.replace(loop, workdir=tmp_path / "ref"), state0, update_fn, arrays)
+    assert seen[0] in (10, 11) and seen == list(range(seen[0], 24))     # the SIGTERM save, not the epoch-end one
+    np.testing.assert_array_equal(np.asarray(resumed.params["w"]), np.asarray(reference.params["w"]))
 
 
 def test_fit_records_its_configuration_and_refuses_to_resume_another(tmp_path):
