@@ -323,3 +323,27 @@ def test_sigkill_mid_campaign_loses_at_most_the_shard_in_progress(tiny_setup, tm
     for key, cell in reference["cells"].items():
         for field in ("shards", "magnet", "mi_magnet", "attack_success_rate", "mean_l1", "mean_l2"):
             assert resumed["cells"][key][field] == cell[field], (key, field)
+
+
+def test_cell_metric_on_a_constructed_case():
+    """Known flags and predictions -> the exact accuracies of both defenses (MagNet's counting rule)."""
+    from magnet_mi_jax.detectors import MNIST_MAGNET, DefenseOutputs, mi_magnet
+    spec = mi_magnet(MNIST_MAGNET)
+    # per example: scores I, II, MI (flag iff score >= 1); argmax of Z(R(x)) and of Z(x); the label is 0
+    rows = [(2, 0, 0, 1, 1), (0, 0, 2, 1, 1), (0, 0, 0, 0, 1), (0, 0, 0, 1, 1),
+            (0, 2, 2, 0, 0), (0, 0, 2, 0, 1), (0, 0, 0, 1, 0), (1, 0, 0, 1, 1)]
+    s_i, s_ii, s_mi, reformed, original = (np.array(c, np.float32) for c in zip(*rows))
+    onehot = lambda c: np.eye(3, dtype=np.float32)[c.astype(int)]        # noqa: E731
+    outputs = DefenseOutputs(scores={"I": s_i, "II": s_ii, "MI": s_mi}, logits=onehot(original),
+                             reformed=None, reformed_logits=onehot(reformed), mi=None)
+    labels = np.zeros(8, np.int64)
+    success = np.array([1, 1, 0, 1, 1, 1, 1, 1], bool)
+    cell = {"success": success, **{k: np.ones(8, np.float32) for k in ("l1", "l2", "linf")}}
+    natural = {n: np.full(8, 0.5, np.float32) for n in ("I", "II", "MI")}
+    row = tables.evaluate_cell(outputs, {"I": 1.0, "II": 1.0, "MI": 1.0}, MNIST_MAGNET, spec, labels, cell, natural)
+    assert row["magnet"] == {"accuracy": 62.5, "detector_only": 50.0, "reformer_only": 37.5,
+                             "accuracy_successful_only": 57.14, "detected": 37.5}
+    assert row["mi_magnet"] == {"accuracy": 75.0, "detector_only": 75.0, "reformer_only": 37.5,
+                                "accuracy_successful_only": 71.43, "detected": 62.5}
+    assert row["detector_flag_rate"] == {"I": 25.0, "II": 12.5, "MI": 37.5}
+    assert row["attack_success_rate"] == 87.5 and row["n_success"] == 7
