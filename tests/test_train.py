@@ -338,3 +338,23 @@ def test_a_smoke_run_never_replaces_weights_of_another_configuration(tmp_path, d
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     autoencoder.main([*smoke, "--overwrite"])
     assert checkpoint.load_model("mnist", "ae_ii", root)[2]["train_limit"] == 256
+
+
+@pytest.mark.slow
+def test_shipped_weights_measure_what_their_cards_claim(mnist):
+    """Each shipped MNIST model, re-measured on the data its card names, gives the card's headline metric."""
+    from train import generator
+    module, params, card = checkpoint.load_model("mnist", "classifier")
+    logits = np.asarray(jax.jit(module.apply)(params, mnist.test_x))
+    assert common.accuracy(logits, mnist.test_y) == pytest.approx(card["metrics"]["test_accuracy"], abs=2e-4)
+    for name in ("ae_i", "ae_ii"):
+        module, params, card = checkpoint.load_model("mnist", name)
+        errors = autoencoder.reconstruction_errors(module, params, mnist.test_x)
+        assert errors["mse"] == pytest.approx(card["metrics"]["test_mse"], rel=1e-3)
+        assert errors["mae"] == pytest.approx(card["metrics"]["test_mae"], rel=1e-3)
+    module, params, card = checkpoint.load_model("mnist", "generator")
+    classify, _ = generator.load_classifier("mnist", None)
+    measured = generator.measure(module, params, mnist.test_x[:1000], mnist.test_y[:1000], classify)
+    assert card["metrics"]["eval_images"] == "first 1000 test images"
+    assert measured["conditional_accuracy"] == pytest.approx(card["metrics"]["conditional_accuracy"], abs=2e-3)
+    assert measured["reconstruction_l1"] == pytest.approx(card["metrics"]["test_reconstruction_l1"], rel=1e-3)
