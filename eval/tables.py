@@ -625,14 +625,16 @@ def check_overwrite(out: Path, config: TablesConfig, overwrite: bool) -> None:
 def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source: str = "auto",
         checkpoints: str | None = None, train_missing: bool = False, command: str = "",
         dataset: data.Dataset | None = None, eval_batch: int = 500, partial: bool = False,
-        worker: tuple[int, int] = (0, 1), overwrite: bool = False, cache_dir: str | Path | None = None
-        ) -> dict[str, Any]:
+        worker: tuple[int, int] = (0, 1), overwrite: bool = False, cache_dir: str | Path | None = None,
+        wait_seconds: float = 0.0) -> dict[str, Any]:
     """Runs the protocol and writes every output into ``out``; returns the JSON result.
 
     Crafts the missing shards (with ``worker=(i, n)`` only every n-th, from the i-th), then writes the table
     if every shard exists, or with ``partial`` a labelled table from the shards present; otherwise returns
     ``{"complete": False, ...}`` and writes no table. Shards live in ``cache_dir`` (default ``out/cache``);
     runs that share it share every shard they have in common (same settings, images and classifier).
+    With ``wait_seconds`` > 0 a run whose own share is done waits up to that long for the other workers'
+    shards to appear in the cache, then assembles the table.
     """
     start = time.time()
     out = Path(out)
@@ -700,6 +702,12 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
               f"ETA {eta / 3600:.2f} h", flush=True)
 
     absent = [shard for shard in shards if crafted[shard] is None]
+    deadline = time.time() + wait_seconds
+    while absent and time.time() < deadline:          # the other workers' shards, as they land
+        time.sleep(min(5.0, max(deadline - time.time(), 0.0)))
+        for shard in absent:
+            crafted[shard] = load_shard(paths[shard], shard, ds.image_shape)
+        absent = [shard for shard in shards if crafted[shard] is None]
     if absent and not partial:
         print(f"{len(absent)} of {len(shards)} shards are still missing (other workers' share, or an interrupted "
               "run): rerun the same command to finish them, or add --partial for a labelled partial table")
@@ -746,6 +754,17 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
     (out / "table.csv").write_text(render_csv(result))
     plot(result, out / "accuracy_vs_kappa.png")
     return result
+
+
+def distributed_worker(coordinator: str | None = None, num_processes: int | None = None,
+                       process_id: int | None = None) -> tuple[int, int]:
+    """Joins the ``jax.distributed`` job and returns this process's ``(index, count)`` as a worker.
+
+    Each process crafts its share of the shards on its own local devices (the attacks shard a batch over
+    ``jax.local_devices()``) into the shared cache folder; nothing else is exchanged between processes.
+    """
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    return jax.process_index(), jax.process_count()
 
 
 def build_config(args: argparse.Namespace) -> TablesConfig:
@@ -815,6 +834,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="write a labelled table from the shards present even if some are missing")
     parser.add_argument("--worker", default="0/1",
                         help="I/N: craft only every N-th missing shard, from the I-th (N processes, one cache)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="run as one process of a jax.distributed job (coordinator and process count from "
+                             "--coordinator/--num-processes/--process-id or the cluster's environment): process "
+                             "i of n crafts its share of the shards, process 0 waits for the rest and writes the "
+                             "table")
+    parser.add_argument("--coordinator", default=None, help="with --distributed: host:port of process 0")
+    parser.add_argument("--num-processes", dest="num_processes", type=int, default=None)
+    parser.add_argument("--process-id", dest="process_id", type=int, default=None)
+    parser.add_argument("--wait-hours", dest="wait_hours", type=float, default=48.0,
+                        help="with --distributed: how long process 0 waits for the other processes' shards")
     parser.add_argument("--mi-reading", dest="mi_reading", choices=("literal", "consistent"), default=None)
     parser.add_argument("--mi-temperature", dest="mi_temperature", type=float, default=None)
     args = parser.parse_args(argv)
@@ -823,12 +852,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         worker = parse_worker(args.worker)
     except ValueError as err:
         parser.error(str(err))
+    wait = 0.0
+    if args.distributed:
+        worker = distributed_worker(args.coordinator, args.num_processes, args.process_id)
+        wait = 3600.0 * args.wait_hours if worker[0] == 0 else 0.0
     out = Path(args.out) if args.out else Path("results") / (args.dataset + ("-quick" if config.quick else ""))
     command = " ".join(["python", "-m", "eval.tables", *(sys.argv[1:] if argv is None else argv)])
     try:
         result = run(config, out, data_dir=args.data_dir, source=args.source, checkpoints=args.checkpoints,
                      train_missing=args.train_missing, command=command, partial=args.partial, worker=worker,
-                     overwrite=args.overwrite, cache_dir=args.cache)
+                     overwrite=args.overwrite, cache_dir=args.cache, wait_seconds=wait)
     except (checkpoint.CheckpointError, data.DataError, OverwriteError) as err:   # one line, exit status 2
         parser.exit(2, f"error: {err}\n")
     if not result["complete"] and "cells" not in result:

@@ -347,3 +347,49 @@ def test_cell_metric_on_a_constructed_case():
                                 "accuracy_successful_only": 71.43, "detected": 62.5}
     assert row["detector_flag_rate"] == {"I": 25.0, "II": 12.5, "MI": 37.5}
     assert row["attack_success_rate"] == 87.5 and row["n_success"] == 7
+
+
+DISTRIBUTED_SCRIPT = """
+import dataclasses, sys
+import jax
+from eval import tables
+from magnet_mi_jax import data
+out, ckpt, data_dir, coordinator, pid = sys.argv[1:6]
+worker = tables.distributed_worker(coordinator, 2, int(pid))
+ds = data.load_dataset("mnist", data_dir=data_dir)
+small = dataclasses.replace(ds, val_x=ds.val_x[:400], val_y=ds.val_y[:400], test_x=ds.test_x[:400],
+                            test_y=ds.test_y[:400])
+config = dataclasses.replace(tables.FULL["mnist"], n_images=6, kappas=(0.0,), iterations=8, search_steps=2,
+                             shard_size=3, attacks=("cw_l2",), quick=True)
+result = tables.run(config, out, checkpoints=ckpt, dataset=small, command="test", eval_batch=200, worker=worker,
+                    wait_seconds=600.0 if worker[0] == 0 else 0.0)
+print("worker", worker, "complete", result["complete"], flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_jax_distributed_processes_make_the_table_one_process_makes(tiny_setup, tmp_path, data_dir):
+    import os
+    import socket
+    import subprocess
+    import sys
+    ckpt, small = tiny_setup
+    config = dataclasses.replace(TINY, attacks=("cw_l2",), kappas=(0.0,))
+    reference = _run(tiny_setup, tmp_path / "one", config)
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "two"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(tables.__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-c", DISTRIBUTED_SCRIPT, str(out), str(ckpt), str(data_dir),
+                               f"localhost:{port}", str(i)], cwd=root, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert "worker (0, 2) complete True" in logs[0] and "worker (1, 2) complete False" in logs[1]
+    assert "crafting 1 in 1 calls (worker 0/2)" in logs[0] and "crafting 1 in 1 calls (worker 1/2)" in logs[1]
+    table = json.loads((out / "table.json").read_text())
+    for key, cell in reference["cells"].items():
+        for field in ("shards", "magnet", "mi_magnet", "attack_success_rate", "mean_l1", "mean_l2"):
+            assert table["cells"][key][field] == cell[field], (key, field)

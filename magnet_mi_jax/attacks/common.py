@@ -315,7 +315,7 @@ def run_batched(core: Callable, params: Any, x0, labels, kappa, const, scalars: 
         labels = jnp.broadcast_to(labels, (g, batch)).reshape(-1)
         kappa, const = kappa.reshape(-1), const.reshape(-1)
     n = x0.shape[0]
-    devices = list(jax.devices()) if devices is None else list(devices)
+    devices = list(jax.local_devices()) if devices is None else list(devices)
     if len(devices) > 1:
         pad = (-n) % len(devices)
         if pad:

@@ -130,7 +130,7 @@ def cw_l2(logits_fn: Callable, x0, labels, *, params: Any = None, kappa=0.0, con
         (module docstring). Default True, as in the C&W reference code.
       targeted: ``labels`` are targets.
       fast_vjp: evaluate ``logits_fn`` through :func:`~magnet_mi_jax.attacks.fastvjp.fast_vjp`.
-      devices: devices to shard the batch over; default all of ``jax.devices()``.
+      devices: devices to shard the batch over; default all of ``jax.local_devices()``.
       check_range: check on the host that x0 lies in [0, 1] (skipped for traced inputs).
 
     Returns:

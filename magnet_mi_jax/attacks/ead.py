@@ -183,7 +183,8 @@ def ead(logits_fn: Callable, x0, labels, *, params: Any = None, kappa=0.0, const
         or "textbook", ``k/(k+3)`` (module docstring). Ignored by ISTA.
       fast_vjp: evaluate ``logits_fn`` through :func:`~magnet_mi_jax.attacks.fastvjp.fast_vjp` (same values,
         cheaper convolution/max-pool gradients on CPU).
-      devices: devices to shard the batch over (data parallel); default all of ``jax.devices()``.
+      devices: devices to shard the batch over (data parallel); default all of ``jax.local_devices()`` (in a
+        multi-process run each process shards its own batch over its own devices).
       check_range: check on the host that x0 lies in [0, 1] (skipped for traced inputs).
 
     Returns:
