@@ -84,7 +84,7 @@ def iteration_ratios(module, params, x0, labels, repeats: int = 5) -> dict[str, 
         cands[f"ead{k}"] = ((lambda k: lambda: ead(module.apply, x0, labels, params=params, iterations=k,
                                                    search_steps=1))(k), 1)
         cands[f"cw{k}"] = ((lambda k: lambda: cw_l2(module.apply, x0, labels, params=params, iterations=k,
-                                                    search_steps=1))(k), 1)
+                                                    search_steps=1, abort_early=False))(k), 1)
     for f, _ in cands.values():
         jax.block_until_ready(f())
     best = {k: np.inf for k in cands}
@@ -161,9 +161,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     common_kw = dict(kappa=args.kappa, const=args.const, iterations=k_it, search_steps=s_st)
     ours = {
+        # Foolbox's settings: no abort-early, and EAD's textbook momentum k/(k+3)
         "ead": lambda: ead(module.apply, x0, labels, params=params, beta=args.beta, rule="en",
-                           learning_rate=args.lr, **common_kw),
-        "cw": lambda: cw_l2(module.apply, x0, labels, params=params, learning_rate=args.lr, **common_kw),
+                           learning_rate=args.lr, momentum="textbook", **common_kw),
+        "cw": lambda: cw_l2(module.apply, x0, labels, params=params, learning_rate=args.lr, abort_early=False,
+                            **common_kw),
     }
     results: dict[str, Any] = {}
     judged: dict[tuple[str, str], dict[str, np.ndarray]] = {}
