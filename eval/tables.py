@@ -132,19 +132,16 @@ class TablesConfig:
 
         ``shard_size`` and ``kappas_per_call`` are not among them: they only change how the work is split into
         calls (every quantity of the attacks is per example; a shard's key holds its own image indices)."""
-        settings = {"family": family, "kappa": float(kappa), "iterations": self.iterations_for(FAMILY_ATTACKS[family][0]),
-                    "search_steps": self.search_steps, "initial_const": self.initial_const,
-                    "learning_rate": self.learning_rate, "attack_version": attacks.ATTACK_VERSION}
+        settings = {"family": family, "kappa": float(kappa),
+                    "iterations": self.iterations_for(FAMILY_ATTACKS[family][0]), "search_steps": self.search_steps,
+                    "initial_const": self.initial_const, "learning_rate": self.learning_rate,
+                    "attack_version": attacks.ATTACK_VERSION}
         if family == "ead":
             settings.update(beta=self.beta, momentum=self.ead_momentum, method="fista", abort_early=False,
                             rules=list(EAD_RULES.values()))
         else:
             settings.update(abort_early=self.cw_abort_early)
         return settings
-
-    def attack_settings(self, attack: str, kappa: float) -> dict[str, Any]:
-        """:meth:`family_settings` of the run that produces ``attack``'s cell."""
-        return self.family_settings(ATTACK_FAMILIES[attack], kappa)
 
     def families(self) -> tuple[str, ...]:
         """The attack runs this config needs, in table order."""
@@ -675,7 +672,7 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
     crafted = {shard: load_shard(paths[shard], shard, ds.image_shape) for shard in shards}
     missing = [shard for shard in shards if crafted[shard] is None]
     worker_index, workers = worker
-    mine = [shard for shard in missing if shards.index(shard) % workers == worker_index]
+    mine = [shard for i, shard in enumerate(shards) if crafted[shard] is None and i % workers == worker_index]
     jobs = plan_jobs(config, mine)
     print(f"{len(shards) - len(missing)} of {len(shards)} shards present in {cache_dir}; "
           f"crafting {len(mine)} in {len(jobs)} calls" + (f" (worker {worker_index}/{workers})" if workers > 1 else ""))

@@ -95,7 +95,8 @@ def keep_best(best_score, best_adv, best_const, candidate, score, success, const
                    static_argnames=("logits_fn", "has_params", "rules", "iterations", "search_steps", "abort_early",
                                     "targeted", "method", "momentum", "fast"))
 def _ead_core(params, x0, labels, kappa, const, beta, learning_rate, *, logits_fn, has_params, rules,
-              iterations, search_steps, abort_early, targeted, method, fast, momentum="reference") -> tuple[AttackResult, ...]:
+              iterations, search_steps, abort_early, targeted, method, fast,
+              momentum="reference") -> tuple[AttackResult, ...]:
     """One result per decision rule in ``rules``: the iterates (and the binary search) do not depend on it."""
     logits = common.bind_logits(logits_fn, params, has_params, fast)
     axes = tuple(range(1, x0.ndim))
