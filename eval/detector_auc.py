@@ -476,7 +476,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--results", required=True, help="folder of an eval.tables run (table.json and cache/)")
     parser.add_argument("--checkpoints", default=None, help="trained weights (default: the run's --checkpoints)")
     parser.add_argument("--data-dir", default=None, help=f"official dataset files (default ${data.DATA_DIR_ENV})")
-    parser.add_argument("--source", default="auto", choices=("auto", "files", "tfds"))
+    parser.add_argument("--source", default="auto", choices=data.SOURCES,
+                        help="auto: --data-dir if given, else the official files downloaded once into "
+                             "$MAGNET_MI_CACHE (default ~/.cache/magnet_mi_jax) and checked by md5")
     parser.add_argument("--n-natural", dest="n_natural", type=int, default=DEFAULT_N_NATURAL)
     parser.add_argument("--temperatures", default=",".join(f"{t:g}" for t in DEFAULT_TEMPERATURES),
                         help="comma-separated MI temperatures")

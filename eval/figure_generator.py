@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dataset", choices=data.DATASETS, required=True)
     parser.add_argument("--out", required=True, help="PNG path")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--source", default="auto", choices=("auto", "files", "tfds"))
+    parser.add_argument("--source", default="auto", choices=data.SOURCES,
+                        help="auto: --data-dir if given, else the official files downloaded once into "
+                             "$MAGNET_MI_CACHE (default ~/.cache/magnet_mi_jax) and checked by md5")
     parser.add_argument("--checkpoints", default=None, help="checkpoint root (default: the repository's)")
     parser.add_argument("--rows", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)

@@ -113,7 +113,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--dataset", choices=data.DATASETS, required=True)
     parser.add_argument("--data-dir", default=None,
                         help=f"folder with the official dataset files (default: ${data.DATA_DIR_ENV}, else TFDS)")
-    parser.add_argument("--source", default="auto", choices=("auto", "files", "tfds"))
+    parser.add_argument("--source", default="auto", choices=data.SOURCES,
+                        help="auto: --data-dir if given, else the official files downloaded once into "
+                             "$MAGNET_MI_CACHE (default ~/.cache/magnet_mi_jax) and checked by md5")
     parser.add_argument("--checkpoints", default=None, help="trained weights (default: the repository's checkpoints/)")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--val-limit", type=int, default=None, help="smoke tests: calibrate on N validation images")

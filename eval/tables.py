@@ -796,7 +796,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="the reduced CPU preset (labelled in every output)")
     parser.add_argument("--out", default=None, help="output folder (default results/<dataset>[-quick]/)")
     parser.add_argument("--data-dir", default=None, help=f"official dataset files (default ${data.DATA_DIR_ENV})")
-    parser.add_argument("--source", default="auto", choices=("auto", "files", "tfds"))
+    parser.add_argument("--source", default="auto", choices=data.SOURCES,
+                        help="auto: --data-dir if given, else the official files downloaded once into "
+                             "$MAGNET_MI_CACHE (default ~/.cache/magnet_mi_jax) and checked by md5")
     parser.add_argument("--checkpoints", default=None, help="trained weights (default: the repository's checkpoints/)")
     parser.add_argument("--train-missing", action="store_true", help="train models that have no checkpoint")
     parser.add_argument("--n-images", dest="n_images", type=int, default=None,

@@ -319,6 +319,9 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     return path
 
 
+SOURCES = ("auto", "files", "download", "tfds")
+
+
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, source: str = "auto",
                  tfds_data_dir: str | os.PathLike | None = None) -> Dataset:
     """Loads ``name`` with the MagNet split.
@@ -326,7 +329,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, source: s
     Args:
       name: ``"mnist"`` or ``"cifar10"``.
       data_dir: folder with the official files; defaults to ``$MAGNET_MI_DATA_DIR``.
-      source: ``"files"``, ``"tfds"`` or ``"auto"`` (files when a folder is configured, else TFDS).
+      source: ``"files"`` (the folder), ``"download"`` (the official files, fetched once into
+        ``$MAGNET_MI_CACHE``, default ``~/.cache/magnet_mi_jax``, and verified by md5:
+        :mod:`magnet_mi_jax.download`), ``"tfds"`` (TensorFlow Datasets), or ``"auto"``: the folder when one is
+        configured, else the download cache.
       tfds_data_dir: TFDS's own data directory, for ``source="tfds"``.
 
     Returns:
@@ -337,13 +343,16 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, source: s
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    if source not in ("auto", "files", "tfds"):
-        raise DataError(f"unknown source {source!r}; choose 'auto', 'files' or 'tfds'")
-    folder = resolve_data_dir(data_dir)
+    if source not in SOURCES:
+        raise DataError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
+    folder = resolve_data_dir(data_dir) if source in ("auto", "files") else None
     if source == "files" and folder is None:
         raise DataError(f"source='files' needs a folder. {_local_files_hint(name)}")
-    if source == "tfds" or (source == "auto" and folder is None):
+    if source == "tfds":
         return load_tfds(name, tfds_data_dir)
+    if folder is None:                                   # "download", or "auto" without a configured folder
+        from magnet_mi_jax import download
+        folder = download.fetch_official(name)
     loader: Callable[[Path], Dataset] = load_mnist_files if name == "mnist" else load_cifar10_files
     return loader(folder)
 

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from pathlib import Path
 
 from magnet_mi_jax import data
 
@@ -156,7 +157,7 @@ def test_offline_tfds_error_says_how_to_use_local_files(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tfds, "data_source", no_network)
     with pytest.raises(data.DataError, match=f"--data-dir DIR .*{data.DATA_DIR_ENV}=DIR"):
-        data.load_dataset("mnist")
+        data.load_dataset("mnist", source="tfds")
 
 
 @pytest.mark.parametrize("name,shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
@@ -164,7 +165,7 @@ def test_tfds_path_with_tfds_mock_data(name, shape, monkeypatch):
     import tensorflow_datasets as tfds
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
     with tfds.testing.mock_data(num_examples=5200, policy=tfds.testing.MockPolicy.USE_CODE):
-        ds = data.load_dataset(name)
+        ds = data.load_dataset(name, source="tfds")
     assert ds.source == "tfds" and ds.md5 == {}
     assert ds.val_x.shape == (5000, *shape) and ds.train_x.shape == (200, *shape)
     assert ds.test_x.shape == (5200, *shape) and ds.test_x.dtype == np.float32
@@ -206,3 +207,93 @@ def test_model_cards_are_checked_against_the_loaded_files(mnist):
         warnings.simplefilter("error")
         data.check_model_data(dataclasses.replace(mnist, md5={}), official, "mnist/classifier")   # TFDS: no md5s
     assert mnist.md5 == data.OFFICIAL_MD5["mnist"]
+
+
+# ------------------------------------------------------------------------------------- downloads (loopback HTTP)
+
+@pytest.fixture()
+def http_server(tmp_path):
+    """A loopback HTTP server over a folder; ``truncate`` names files it cuts off after half their bytes."""
+    import functools
+    import http.server
+    import threading
+    root = tmp_path / "served"
+    root.mkdir()
+    truncate: set[str] = set()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def copyfile(self, source, outputfile):
+            if self.path.lstrip("/") in truncate:            # promise the whole file, send half, hang up
+                blob = source.read()
+                outputfile.write(blob[: len(blob) // 2])
+                self.close_connection = True
+                return
+            super().copyfile(source, outputfile)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}/", truncate
+    server.shutdown()
+
+
+def test_mnist_download_from_a_loopback_server_is_verified_and_loads(http_server, tmp_path, data_dir, monkeypatch):
+    import shutil
+    from magnet_mi_jax import download
+    served, url, truncate = http_server
+    mnist_dir = data._find_dir(Path(data_dir), "mnist")
+    for fname in data.MNIST_FILES.values():
+        shutil.copy(mnist_dir / fname, served / fname)
+    cache = tmp_path / "cache"
+    # An interrupted transfer: an error naming the URL, and nothing left that looks complete.
+    truncate.add("t10k-images-idx3-ubyte.gz")
+    with pytest.raises(data.DataError, match="t10k-images-idx3-ubyte.gz"):
+        download.fetch_official("mnist", cache, base_url=url, progress=False)
+    assert not (cache / "mnist" / "t10k-images-idx3-ubyte.gz").exists()
+    assert not list((cache / "mnist").glob("*.part"))
+    truncate.clear()
+    # A corrupted file (right size, wrong bytes): discarded, with both checksums in the message.
+    good = (served / "t10k-labels-idx1-ubyte.gz").read_bytes()         # not fetched yet: the run stopped before
+    (served / "t10k-labels-idx1-ubyte.gz").write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(data.DataError, match=r"t10k-labels-idx1-ubyte.gz from .* has md5 \w+, expected "
+                                             r"ec29112dd5afa0611ce80d1b7f02629c"):
+        download.fetch_official("mnist", cache, base_url=url, progress=False)
+    assert not (cache / "mnist" / "t10k-labels-idx1-ubyte.gz").exists()
+    (served / "t10k-labels-idx1-ubyte.gz").write_bytes(good)
+    folder = download.fetch_official("mnist", cache, base_url=url, progress=False)
+    assert {f: data.md5sum(folder / f) for f in data.MNIST_FILES.values()} == data.OFFICIAL_MD5["mnist"]
+    # What is verified is not fetched again (the server is gone from the files' point of view).
+    for f in served.iterdir():
+        f.unlink()
+    assert download.fetch_official("mnist", cache, base_url=url, progress=False) == folder
+    # source="auto" without a folder uses the download cache.
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    monkeypatch.setenv(download.CACHE_ENV, str(cache))
+    ds = data.load_dataset("mnist")
+    assert ds.source == "files" and ds.md5 == MNIST_MD5 and ds.test_x.shape == (10000, 28, 28, 1)
+
+
+def test_cifar_archive_download_extracts_and_verifies_its_members(http_server, tmp_path):
+    import io
+    import tarfile
+    from magnet_mi_jax import download
+    served, url, _ = http_server
+    rng = np.random.default_rng(0)
+    members = {f: rng.integers(0, 10, size=3 * data.CIFAR10_RECORD_BYTES, dtype=np.uint8).tobytes()
+               for f in (*data.CIFAR10_TRAIN_FILES, data.CIFAR10_TEST_FILE)}
+    archive = served / "cifar-10-binary.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for fname, blob in members.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-bin/{fname}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    md5 = {f: __import__("hashlib").md5(b).hexdigest() for f, b in members.items()}
+    with pytest.raises(data.DataError, match="cifar-10-binary.tar.gz .* expected c32a1d4ab5d03f1284b67883e8d87530"):
+        download.fetch_official("cifar10", tmp_path / "c", base_url=url, md5=md5, progress=False)
+    folder = download.fetch_official("cifar10", tmp_path / "c", base_url=url, md5=md5, progress=False,
+                                     archive_md5=data.md5sum(archive))
+    assert {f: (folder / f).read_bytes() for f in members} == members
+    assert not (folder / "cifar-10-binary.tar.gz").exists()        # the archive is dropped once extracted

@@ -23,7 +23,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--dataset", choices=data.DATASETS, required=True)
     parser.add_argument("--data-dir", default=None,
                         help=f"folder with the official dataset files (default: ${data.DATA_DIR_ENV}, else TFDS)")
-    parser.add_argument("--source", default="auto", choices=("auto", "files", "tfds"))
+    parser.add_argument("--source", default="auto", choices=data.SOURCES,
+                        help="auto: --data-dir if given, else the official files downloaded once into "
+                             "$MAGNET_MI_CACHE (default ~/.cache/magnet_mi_jax) and checked by md5")
     parser.add_argument("--epochs", type=int, default=None, help="override the config's epoch count")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None, help="override the config's learning rate")
