@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     test = reconstruction_errors(module, state.params, ds.test_x)
     metrics = {"variant": args.variant, "test_mse": test["mse"], "test_mae": test["mae"],
                "train_seconds": float(np.sum([h["seconds"] for h in history])) if history else None}
-    common.export(args, args.which, state.params, config, ds, command, metrics, history, resumable)
+    common.export(args, args.which, state.params, config, ds, command, metrics, history, run_config)
     return metrics
 
 

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         "val_accuracy": evaluate(state.params)["accuracy"],
         "train_seconds": float(np.sum([h["seconds"] for h in history])) if history else None,
     }
-    common.export(args, "classifier", state.params, config, ds, command, metrics, history)
+    common.export(args, "classifier", state.params, config, ds, command, metrics, history, run_config)
     return metrics
 
 

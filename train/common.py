@@ -110,11 +110,7 @@ def check_export_target(args: argparse.Namespace, name: str, run: dict[str, Any]
         "model": card.get("model"), "seed": card.get("seed"), "train_limit": card.get("train_limit"),
         "data_source": card.get("data_source"), "data_md5": card.get("data_md5"),
         "config": {k: v for k, v in (card.get("config") or {}).items() if k in run["config"]}}
-    wanted = json.loads(json.dumps(run, default=str))
-    diffs = [f"{k}: {stored.get(k)!r} there, {wanted.get(k)!r} now" for k in sorted(wanted) if k != "config"
-             and stored.get(k) != wanted.get(k)]
-    diffs += [f"config.{k}: {stored.get('config', {}).get(k)!r} there, {v!r} now"
-              for k, v in sorted(wanted["config"].items()) if stored.get("config", {}).get(k) != v]
+    diffs = trainer.config_differences(stored, json.loads(json.dumps(run, default=str)), "there")
     if diffs:
         raise ExportError(f"{target} holds trained weights of another configuration (card: "
                           f"{card.get('command', '?')}):\n  " + "\n  ".join(diffs) +
@@ -127,10 +123,10 @@ def command_line(argv: list[str] | None, module: str) -> str:
 
 
 def export(args: argparse.Namespace, name: str, params: Any, config, ds: data.Dataset, command: str,
-           metrics: dict[str, Any], history: list[dict], resumable_fields: tuple[str, ...] = ("epochs",)) -> Path:
+           metrics: dict[str, Any], history: list[dict], run: dict[str, Any]) -> Path:
     """Writes the trained weights and their card to ``<checkpoints>/<dataset>/<name>`` (refusing, without
-    ``--overwrite``, to replace weights of another configuration: :func:`check_export_target`)."""
-    run = run_config(args, name, config, ds, resumable_fields)
+    ``--overwrite``, to replace weights of another configuration: :func:`check_export_target`). ``run`` is
+    the run's :func:`run_config`."""
     check_export_target(args, name, run)
     meta = {
         "model": f"{args.dataset}/{name}",

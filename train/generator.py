@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         "parameters": {name: int(sum(np.size(a) for a in jax.tree.leaves(final["params"][name])))
                        for name in alpha_gan.NETWORKS},
     }
-    common.export(args, "generator", final, config, ds, command, metrics, history, resumable)
+    common.export(args, "generator", final, config, ds, command, metrics, history, run_config)
     return metrics
 
 

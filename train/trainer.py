@@ -103,10 +103,7 @@ def check_run_config(workdir: Path, run_config: dict[str, Any] | None, has_check
     path = workdir / RUN_CONFIG_FILE
     wanted = json.loads(json.dumps(run_config, sort_keys=True, default=str))    # as it reads back from JSON
     if path.is_file():
-        stored = json.loads(path.read_text())
-        flat_stored, flat_wanted = _flatten(stored), _flatten(wanted)
-        diffs = [f"{k}: {flat_stored.get(k, '<absent>')!r} in the folder, {flat_wanted.get(k, '<absent>')!r} now"
-                 for k in sorted(set(flat_stored) | set(flat_wanted)) if flat_stored.get(k) != flat_wanted.get(k)]
+        diffs = config_differences(json.loads(path.read_text()), wanted, "in the folder")
         if diffs:
             raise RunConfigError(
                 f"{workdir} holds a run of another configuration; it cannot be resumed with this one:\n  "
@@ -120,6 +117,13 @@ def check_run_config(workdir: Path, run_config: dict[str, Any] | None, has_check
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(wanted, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
+
+
+def config_differences(stored: dict[str, Any], wanted: dict[str, Any], where: str) -> list[str]:
+    """One line per (dotted) field whose value differs between two nested configurations."""
+    flat_stored, flat_wanted = _flatten(stored), _flatten(wanted)
+    return [f"{k}: {flat_stored.get(k, '<absent>')!r} {where}, {flat_wanted.get(k, '<absent>')!r} now"
+            for k in sorted(set(flat_stored) | set(flat_wanted)) if flat_stored.get(k) != flat_wanted.get(k)]
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
