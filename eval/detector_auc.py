@@ -1,5 +1,6 @@
-"""ROC AUC of every detector score, natural vs adversarial: ``python -m eval.detector_auc --dataset mnist
---results results/mnist-quick``.
+"""ROC AUC of every detector score on natural vs adversarial images of an eval.tables run.
+
+    python -m eval.detector_auc --dataset mnist --results results/mnist-quick
 
 Measures which MI reading and temperature separates natural from adversarial inputs (docs/design.md,
 section 5), beside MagNet's own detectors. Inputs:
