@@ -393,3 +393,15 @@ def test_two_jax_distributed_processes_make_the_table_one_process_makes(tiny_set
     for key, cell in reference["cells"].items():
         for field in ("shards", "magnet", "mi_magnet", "attack_success_rate", "mean_l1", "mean_l2"):
             assert table["cells"][key][field] == cell[field], (key, field)
+
+
+def test_a_corrupt_shard_is_reported_before_the_defense_is_calibrated(tiny_setup, tmp_path, monkeypatch):
+    ckpt, small = tiny_setup
+    config = dataclasses.replace(TINY, attacks=("cw_l2",), kappas=(0.0,))
+    first = _run(tiny_setup, tmp_path / "out", config)
+    (tmp_path / "out" / "cache" / first["cells"]["cw_l2/0"]["shards"][1]).write_bytes(b"")
+    calibrated = []
+    monkeypatch.setattr(tables, "calibrate", lambda *a, **k: calibrated.append(1))
+    with pytest.raises(RuntimeError, match="corrupt attack shard .*cw_kappa0_s001_"):
+        _run(tiny_setup, tmp_path / "out", config)
+    assert not calibrated
