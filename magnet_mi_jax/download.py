@@ -43,12 +43,6 @@ def cache_dir(root: str | os.PathLike | None = None) -> Path:
     return Path(chosen).expanduser()
 
 
-def has_official(name: str, root: str | os.PathLike | None = None) -> bool:
-    """Whether the cache already holds every file of ``name`` (by presence; loading checks the md5s)."""
-    folder = cache_dir(root) / name
-    return all((folder / f).is_file() for f in OFFICIAL_MD5[name])
-
-
 def fetch_official(name: str, root: str | os.PathLike | None = None, *, base_url: str | None = None,
                    md5: Mapping[str, str] | None = None, archive_md5: str | None = None,
                    progress: bool = True) -> Path:
@@ -139,4 +133,4 @@ def _accept(part: Path, dest: Path, want: str, origin: str) -> None:
     os.replace(part, dest)
 
 
-__all__ = ["CACHE_ENV", "SOURCES", "cache_dir", "fetch_official", "has_official"]
+__all__ = ["CACHE_ENV", "SOURCES", "cache_dir", "fetch_official"]
