@@ -15,6 +15,7 @@ true logit into 0 and beats every negative logit).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -166,31 +167,114 @@ def bind_logits(logits_fn: Callable, params: Any, has_params: bool, fast: bool) 
     return fn
 
 
+# ------------------------------------------------------------------------------------------------ objectives
+
+class Loss(NamedTuple):
+    """An objective's value at a batch of B candidates.
+
+    Attributes:
+      f: (B,) the term weighted by the binary-searched constant c (the margin loss f of the module docstring).
+      penalty: (B,) a term added with weight 1 (e.g. an adaptive attack's detector penalty), or None.
+      success: (B,) bool, whether the candidate counts as an adversarial example.
+    """
+
+    f: jax.Array
+    penalty: jax.Array | None
+    success: jax.Array
+
+
+class Objective:
+    """What EAD and C&W minimise besides the distortion, ``c * f(x) + penalty(x)``, and what counts as success.
+
+    A subclass is a frozen (hashable) dataclass, because the objective is a static argument of the compiled
+    attack: two equal objectives share one compilation. Its traced data (network weights, thresholds) come in
+    ``params``. Interface::
+
+        objective(params, x (B, ...), labels (B,), kappa (B,)) -> Loss
+        objective.class_logits(params, x) -> (B, K)     # the classifier whose K the labels index
+
+    :class:`MarginObjective` is the oblivious attack's objective; :mod:`~magnet_mi_jax.attacks.adaptive`
+    defines one that attacks a whole defense.
+    """
+
+    def __call__(self, params, x, labels, kappa) -> Loss:
+        raise NotImplementedError
+
+    def class_logits(self, params, x) -> jax.Array:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class MarginObjective(Objective):
+    """The margin loss on a classifier: ``f = margin_loss(Z(x))``, no penalty, success iff misclassified with
+    margin kappa (targeted: classified as the target with margin kappa).
+
+    Attributes:
+      logits_fn: ``logits_fn(params, x)`` (``has_params``) or ``logits_fn(x)`` -> (B, K).
+      has_params: whether ``logits_fn`` takes the params.
+      targeted: labels are targets.
+      fast: evaluate ``logits_fn`` through :func:`~magnet_mi_jax.attacks.fastvjp.fast_vjp`.
+    """
+
+    logits_fn: Callable
+    has_params: bool = True
+    targeted: bool = False
+    fast: bool = True
+
+    def __call__(self, params, x, labels, kappa) -> Loss:
+        f, success = margin_loss(bind_logits(self.logits_fn, params, self.has_params, self.fast)(x), labels,
+                                 kappa, self.targeted)
+        return Loss(f, None, success)
+
+    def class_logits(self, params, x) -> jax.Array:
+        return self.logits_fn(params, x) if self.has_params else self.logits_fn(x)
+
+
+def make_objective(logits_fn: Callable | Objective, params: Any, targeted: bool, fast: bool) -> Objective:
+    """The objective an attack minimises: ``logits_fn`` itself if it is an :class:`Objective` (which then
+    needs ``params`` and carries its own targeting), else the :class:`MarginObjective` on ``logits_fn``."""
+    if isinstance(logits_fn, Objective):
+        if params is None:
+            raise ValueError(f"{type(logits_fn).__name__} needs params (its networks and thresholds)")
+        if targeted:
+            raise ValueError("targeted=True with an Objective: targeting is the objective's own field")
+        return logits_fn
+    if not callable(logits_fn):
+        raise TypeError(f"logits_fn must be a function or an Objective; got {type(logits_fn).__name__}")
+    return MarginObjective(logits_fn, has_params=params is not None, targeted=bool(targeted), fast=bool(fast))
+
+
+def weighted_loss(loss: Loss, c: jax.Array) -> jax.Array:
+    """``c * f + penalty`` per example (B,); exactly ``c * f`` when there is no penalty."""
+    return c * loss.f if loss.penalty is None else c * loss.f + loss.penalty
+
+
 # ------------------------------------------------------------------------------------------------ input checks
 
 @functools.lru_cache(maxsize=128)
-def _logits_shape_cached(logits_fn, has_params, params_sig, x_sig):
+def _logits_shape_cached(objective, params_sig, x_sig):
     treedef, leaves = params_sig
     params = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in leaves])
     x = jax.ShapeDtypeStruct(*x_sig)
-    return jax.eval_shape(lambda p, x: logits_fn(p, x) if has_params else logits_fn(x), params, x)
+    return jax.eval_shape(objective.class_logits, params, x)
 
 
-def logits_shape(logits_fn, params, has_params: bool, x: jax.ShapeDtypeStruct):
-    """``jax.eval_shape`` of the logits, cached per (function, shapes) so a repeated call traces nothing."""
+def logits_shape(objective: Objective, params, x: jax.ShapeDtypeStruct):
+    """``jax.eval_shape`` of the objective's class logits, cached per (objective, shapes) so a repeated call
+    traces nothing."""
     leaves, treedef = jax.tree.flatten(params)
     sig = (treedef, tuple((tuple(np.shape(a)), jnp.result_type(a)) for a in leaves))
     try:
-        return _logits_shape_cached(logits_fn, has_params, sig, (tuple(x.shape), x.dtype))
+        return _logits_shape_cached(objective, sig, (tuple(x.shape), x.dtype))
     except TypeError:  # an unhashable logits_fn
-        return _logits_shape_cached.__wrapped__(logits_fn, has_params, sig, (tuple(x.shape), x.dtype))
+        return _logits_shape_cached.__wrapped__(objective, sig, (tuple(x.shape), x.dtype))
 
 
 def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def check_inputs(logits_fn, params, x0, labels, kappa, const, *, has_params: bool, check_range: bool = True):
+def check_inputs(objective: Objective, params, x0, labels, kappa, const, *, check_range: bool = True):
     """Validates shapes, dtypes and ranges and broadcasts kappa and const.
 
     Returns:
@@ -219,10 +303,11 @@ def check_inputs(logits_fn, params, x0, labels, kappa, const, *, has_params: boo
         raise ValueError(f"labels must have shape ({batch},) to match x0 {x0.shape}; got {labels.shape}")
 
     try:
-        out = logits_shape(logits_fn, params, has_params, jax.ShapeDtypeStruct(x0.shape, x0.dtype))
+        out = logits_shape(objective, params, jax.ShapeDtypeStruct(x0.shape, x0.dtype))
     except Exception as err:  # noqa: BLE001 - re-raised with context
-        raise ValueError(f"logits_fn failed on x0 of shape {x0.shape} "
-                         f"({'logits_fn(params, x)' if has_params else 'logits_fn(x)'}): {err}") from err
+        call = ("logits_fn(params, x)" if objective.has_params else "logits_fn(x)"
+                ) if isinstance(objective, MarginObjective) else f"{type(objective).__name__}.class_logits(params, x)"
+        raise ValueError(f"logits_fn failed on x0 of shape {x0.shape} ({call}): {err}") from err
     if not hasattr(out, "shape") or len(out.shape) != 2 or out.shape[0] != batch:
         raise ValueError(f"logits_fn must return logits of shape ({batch}, K); got "
                          f"{getattr(out, 'shape', type(out).__name__)}")

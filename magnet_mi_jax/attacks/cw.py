@@ -49,24 +49,22 @@ def from_box(x0: jax.Array) -> jax.Array:
 
 
 @functools.partial(common.platform_jit,
-                   static_argnames=("logits_fn", "has_params", "iterations", "search_steps", "abort_early",
-                                    "targeted", "fast"))
-def _cw_core(params, x0, labels, kappa, const, learning_rate, *, logits_fn, has_params, iterations,
-             search_steps, abort_early, targeted, fast) -> AttackResult:
-    logits = common.bind_logits(logits_fn, params, has_params, fast)
+                   static_argnames=("objective", "iterations", "search_steps", "abort_early"))
+def _cw_core(params, x0, labels, kappa, const, learning_rate, *, objective, iterations, search_steps,
+             abort_early) -> AttackResult:
     axes = tuple(range(1, x0.ndim))
     w_base = from_box(x0)
     big = jnp.full(labels.shape, jnp.inf, jnp.float32)
     check_every = max(iterations // 10, 1)
 
-    def objective(w, c):
+    def total_loss(w, c):
         x = to_box(w, w_base)
-        f, ok = common.margin_loss(logits(x), labels, kappa, targeted)
+        judged = objective(params, x, labels, kappa)
         l2sq = jnp.sum(jnp.square(x - x0), axes)
-        loss = c * f + l2sq
-        return jnp.sum(loss), (x, ok, l2sq, loss)
+        loss = common.weighted_loss(judged, c) + l2sq
+        return jnp.sum(loss), (x, judged.success, l2sq, loss)
 
-    grad_fn = jax.grad(objective, has_aux=True)
+    grad_fn = jax.grad(total_loss, has_aux=True)
 
     def search_step(_, outer):
         c, lower, upper, best_l2, best_adv, best_const, found, _ = outer
@@ -117,7 +115,9 @@ def cw_l2(logits_fn: Callable, x0, labels, *, params: Any = None, kappa=0.0, con
 
     Args:
       logits_fn: ``logits_fn(params, x) -> (B, K)`` when ``params`` is given, else ``logits_fn(x)``; pass a
-        stable function object (it is a static argument of the compiled computation).
+        stable function object (it is a static argument of the compiled computation). Or an
+        :class:`~magnet_mi_jax.attacks.common.Objective`, which replaces the margin loss (see
+        :func:`~magnet_mi_jax.attacks.ead.ead`).
       x0: (B, H, W, C) (any (B, ...)) float images in [0, 1].
       labels: (B,) int in [0, K): true classes, or targets with ``targeted=True``.
       params: the pytree handed to ``logits_fn`` as its first argument, or None.
@@ -149,10 +149,9 @@ def cw_l2(logits_fn: Callable, x0, labels, *, params: Any = None, kappa=0.0, con
       (True, (4,))
     """
     common.check_options(iterations, search_steps, learning_rate)
-    has_params = params is not None
-    x0, labels, kappa, const, grid = common.check_inputs(logits_fn, params, x0, labels, kappa, const,
-                                                         has_params=has_params, check_range=check_range)
-    core = functools.partial(_cw_core, logits_fn=logits_fn, has_params=has_params, iterations=int(iterations),
-                             search_steps=int(search_steps), abort_early=bool(abort_early),
-                             targeted=bool(targeted), fast=bool(fast_vjp))
+    objective = common.make_objective(logits_fn, params, targeted, fast_vjp)
+    x0, labels, kappa, const, grid = common.check_inputs(objective, params, x0, labels, kappa, const,
+                                                         check_range=check_range)
+    core = functools.partial(_cw_core, objective=objective, iterations=int(iterations),
+                             search_steps=int(search_steps), abort_early=bool(abort_early))
     return common.run_batched(core, params, x0, labels, kappa, const, (learning_rate,), grid, devices)

@@ -92,13 +92,11 @@ def keep_best(best_score, best_adv, best_const, candidate, score, success, const
 
 
 @functools.partial(common.platform_jit,
-                   static_argnames=("logits_fn", "has_params", "rules", "iterations", "search_steps", "abort_early",
-                                    "targeted", "method", "momentum", "fast"))
-def _ead_core(params, x0, labels, kappa, const, beta, learning_rate, *, logits_fn, has_params, rules,
-              iterations, search_steps, abort_early, targeted, method, fast,
-              momentum="reference") -> tuple[AttackResult, ...]:
+                   static_argnames=("objective", "rules", "iterations", "search_steps", "abort_early", "method",
+                                    "momentum"))
+def _ead_core(params, x0, labels, kappa, const, beta, learning_rate, *, objective, rules, iterations,
+              search_steps, abort_early, method, momentum="reference") -> tuple[AttackResult, ...]:
     """One result per decision rule in ``rules``: the iterates (and the binary search) do not depend on it."""
-    logits = common.bind_logits(logits_fn, params, has_params, fast)
     axes = tuple(range(1, x0.ndim))
     big = jnp.full(labels.shape, jnp.inf, jnp.float32)
     check_every = max(iterations // 10, 1)
@@ -107,8 +105,8 @@ def _ead_core(params, x0, labels, kappa, const, beta, learning_rate, *, logits_f
         chex.assert_equal_shape((c, labels))
 
         def g(y):
-            f, _ = common.margin_loss(logits(y), labels, kappa, targeted)
-            return jnp.sum(c * f) + jnp.sum(jnp.square(y - x0))
+            loss = common.weighted_loss(objective(params, y, labels, kappa), c)
+            return jnp.sum(loss) + jnp.sum(jnp.square(y - x0))
         return jax.grad(g)(y)
 
     def search_step(_, outer):
@@ -126,7 +124,8 @@ def _ead_core(params, x0, labels, kappa, const, beta, learning_rate, *, logits_f
             if abort_early:
                 act = common.per_example(active, x)
                 x_new, y_new = jnp.where(act, x_new, x), jnp.where(act, y_new, y)
-            f, ok = common.margin_loss(logits(x_new), labels, kappa, targeted)
+            judged = objective(params, x_new, labels, kappa)
+            ok = judged.success
             d = x_new - x0
             l2sq, l1 = jnp.sum(jnp.square(d), axes), jnp.sum(jnp.abs(d), axes)
             ok = ok & active
@@ -134,7 +133,8 @@ def _ead_core(params, x0, labels, kappa, const, beta, learning_rate, *, logits_f
             bests = tuple(keep_best(*best, x_new, rule_score(l2sq, l1, beta, rule), ok, c)
                           for best, rule in zip(bests, rules))
             if abort_early:
-                active, prev = common.abort_early_check(k, c * f + l2sq + beta * l1, active, prev, check_every)
+                loss = common.weighted_loss(judged, c) + l2sq + beta * l1
+                active, prev = common.abort_early_check(k, loss, active, prev, check_every)
             return x_new, y_new, step_ok, bests, active, prev
 
         init = (x0, x0, jnp.zeros(labels.shape, bool), bests, jnp.ones(labels.shape, bool), big)
@@ -162,7 +162,10 @@ def ead(logits_fn: Callable, x0, labels, *, params: Any = None, kappa=0.0, const
       logits_fn: ``logits_fn(params, x) -> (B, K)`` when ``params`` is given, else ``logits_fn(x)``. Pass
         a stable function (``model.apply``, a module-level function), not a fresh lambda per call: it is a
         static argument of the compiled computation, so a new function object recompiles. With ``params``
-        passed explicitly, new weights and new images of the same shapes reuse the compiled code.
+        passed explicitly, new weights and new images of the same shapes reuse the compiled code. Or an
+        :class:`~magnet_mi_jax.attacks.common.Objective` (e.g. the adaptive attack's
+        :class:`~magnet_mi_jax.attacks.adaptive.DefenseObjective`), which replaces the margin loss:
+        the attack then minimises ``c * f + penalty + distortion`` and judges success by the objective.
       x0: (B, H, W, C) (any (B, ...)) float images in [0, 1].
       labels: (B,) int in [0, K): true classes (untargeted) or target classes (``targeted=True``).
       params: the pytree handed to ``logits_fn`` as its first argument, or None.
@@ -219,12 +222,11 @@ def ead(logits_fn: Callable, x0, labels, *, params: Any = None, kappa=0.0, const
     if not beta >= 0:
         raise ValueError(f"beta must be >= 0; got {beta}")
     common.check_options(iterations, search_steps, learning_rate)
-    has_params = params is not None
-    x0, labels, kappa, const, grid = common.check_inputs(logits_fn, params, x0, labels, kappa, const,
-                                                         has_params=has_params, check_range=check_range)
-    core = functools.partial(_ead_core, logits_fn=logits_fn, has_params=has_params, rules=rules,
-                             iterations=int(iterations), search_steps=int(search_steps),
-                             abort_early=bool(abort_early), targeted=bool(targeted), method=method,
-                             momentum=momentum, fast=bool(fast_vjp))
+    objective = common.make_objective(logits_fn, params, targeted, fast_vjp)
+    x0, labels, kappa, const, grid = common.check_inputs(objective, params, x0, labels, kappa, const,
+                                                         check_range=check_range)
+    core = functools.partial(_ead_core, objective=objective, rules=rules, iterations=int(iterations),
+                             search_steps=int(search_steps), abort_early=bool(abort_early), method=method,
+                             momentum=momentum)
     out = common.run_batched(core, params, x0, labels, kappa, const, (beta, learning_rate), grid, devices)
     return out[0] if isinstance(rule, str) else dict(zip(rules, out))
