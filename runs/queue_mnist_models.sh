@@ -12,6 +12,7 @@ export MAGNET_MI_DATA_DIR="${MAGNET_MI_DATA_DIR:-$(cd .. && pwd)/shared/data}"
 # shipped auto-encoders and generator). The new classifier's shards go to the campaign's cache, which reuses
 # them if that classifier ships.
 common="--dataset mnist --n-images 100 --kappas 10,30 --attacks ead_l1,ead_en"
+while pgrep -f "eval.tables $common --out results/mnist-classifiers/shipped" >/dev/null; do sleep 30; done
 python -m eval.tables $common --out results/mnist-classifiers/shipped --overwrite \
   --cache results/mnist-classifiers/cache >> runs/logs/compare_shipped.log 2>&1 || exit 1
 python -m eval.tables $common --checkpoints runs/mnist/compare_root --out results/mnist-classifiers/magnet_recipe \
@@ -19,6 +20,10 @@ python -m eval.tables $common --checkpoints runs/mnist/compare_root --out result
 python -m eval.compare_classifiers --dataset mnist --models shipped=checkpoints magnet_recipe=runs/mnist/compare_root \
   --tables shipped=results/mnist-classifiers/shipped magnet_recipe=results/mnist-classifiers/magnet_recipe \
   --out results/mnist-classifiers >> runs/logs/compare.log 2>&1 || exit 1
+# MagNet and MI-MagNet against adaptive attacks (issue 15), with the shipped models, at a CPU size: about
+# 2-3 h here, most of it the attacks on MI-MagNet (the generator and classifier for all 10 conditions).
+python -m eval.adaptive --dataset mnist --n-images 100 --kappas 0,10,20 --attacks ead_en,ead_l1,cw \
+  --iterations 100 --search-steps 5 --const 0.1 >> runs/logs/adaptive.log 2>&1 || exit 1
 for which in ae_i ae_ii; do
   python -m train.autoencoder --dataset mnist --which $which --seed 0 --workdir runs/mnist/$which \
     --checkpoints runs/mnist/export >> runs/logs/mnist_$which.log 2>&1 || exit 1
