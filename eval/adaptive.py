@@ -17,7 +17,7 @@ Command (the committed results/mnist-adaptive/ was made by the command recorded 
 
 (these are the defaults: ``python -m eval.adaptive --dataset mnist`` is the same run). 100 iterations x 5
 search steps from c0 = 0.1 is a CPU budget, not the paper's 1,000 x 9 from 1e-3: more iterations can only
-make the adaptive attacks stronger, so the accuracies it reports are upper bounds on the defenses' robustness.
+make the adaptive attacks stronger (in expectation), so read its accuracies as upper bounds on the defenses' robustness.
 
 Each attack call's examples are cached in ``<out>/cache`` (content-keyed like eval.tables' shards), so an
 interrupted run loses at most the call in progress; rerunning the command resumes. Each call's seconds are
