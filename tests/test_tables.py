@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -177,6 +178,19 @@ def test_shard_keys_change_with_every_setting_and_nothing_else(tmp_path):
                    dict(quick=False), dict(mi_temperature=10.0)):
         assert tables.shard_path(tmp_path, dataclasses.replace(TINY, **change), shard, context, indices).name == base
     assert tables.shard_path(tmp_path, dataclasses.replace(TINY, beta=0.5), cw, context, indices).name == cw_base
+
+
+def test_shard_names_are_pinned_so_committed_shards_stay_valid():
+    """The names (content keys) of the paper-protocol and quick shards, pinned: a refactor that changed them
+    would silently orphan the committed campaign's shards. Change these values only with a migration (or an
+    ATTACK_VERSION bump that is meant to invalidate every shard)."""
+    ctx = {"dataset": "mnist", "indices": "0123456789abcdef", "classifier": "fedcba9876543210", "data": "a" * 16}
+    idx = np.arange(1000)
+    name = lambda config, family, kappa, i: tables.shard_path(  # noqa: E731
+        Path("c"), config, tables.Shard(family, kappa, i, 100 * i, 100 * i + 100), ctx, idx).name
+    assert name(tables.FULL["mnist"], "ead", 10.0, 3) == "ead_kappa10_s003_2abad7f68b3c.npz"
+    assert name(tables.FULL["mnist"], "cw", 10.0, 3) == "cw_kappa10_s003_c415696feb79.npz"
+    assert name(tables.QUICK["mnist"], "cw", 0.0, 0) == "cw_kappa0_s000_08645f497f59.npz"
 
 
 def test_run_job_matches_separate_attack_calls(mnist, tiny_mnist_classifier):
