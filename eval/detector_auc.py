@@ -54,6 +54,7 @@ import numpy as np
 
 from eval import tables
 from magnet_mi_jax import checkpoint, data
+from magnet_mi_jax.attacks import registry
 from magnet_mi_jax.detectors import (MAGNET_PRESETS, MagNet, ReconstructionDetector, magnet_forward, map_batches,
                                      roc_auc, tpr_at_fpr)
 from magnet_mi_jax.detectors import _checks
@@ -260,17 +261,17 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     lines += [f"> warning: {w}" for w in result.get("warnings", [])] + ([""] if result.get("warnings") else [])
     pooled = result["pooled"]
     attacks = list(pooled)
-    header = ["score"] + [f"{tables.ATTACK_TITLES.get(a, a)} (n={pooled[a]['n_adversarial']})" for a in attacks]
+    header = ["score"] + [f"{registry.title(a)} (n={pooled[a]['n_adversarial']})" for a in attacks]
     lines += ["## Pooled over kappa", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in names:
         lines.append(f"| {name} | " + " | ".join(_fmt(pooled[a]["scores"][name]) for a in attacks) + " |")
     lines += ["", "Best score by AUC (pooled): " + "; ".join(
-        f"{tables.ATTACK_TITLES.get(a, a)}: {_best(pooled[a]['scores'])}" for a in attacks), ""]
+        f"{registry.title(a)}: {_best(pooled[a]['scores'])}" for a in attacks), ""]
     for attack in attacks:
         keys = [k for k, c in result["cells"].items() if c["attack"] == attack]
         cols = [f"kappa {result['cells'][k]['kappa']:g} (n={result['cells'][k]['n_adversarial']})" for k in keys]
         header = ["score"] + cols + ["pooled"]
-        lines += [f"## {tables.ATTACK_TITLES.get(attack, attack)}", "", "| " + " | ".join(header) + " |",
+        lines += [f"## {registry.title(attack)}", "", "| " + " | ".join(header) + " |",
                   "|" + "---|" * len(header)]
         for name in names:
             row = [_fmt(result["cells"][k]["scores"][name]) for k in keys] + [_fmt(pooled[attack]["scores"][name])]

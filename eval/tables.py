@@ -57,7 +57,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from magnet_mi_jax import attacks, checkpoint, data
+from magnet_mi_jax import checkpoint, data
+from magnet_mi_jax.attacks import registry
 from magnet_mi_jax.detectors import (MAGNET_PRESETS, attack_accuracy, calibrate, clean_accuracy, decide,
                                      make_defense_fn, map_batches, mi_magnet, roc_auc)
 from magnet_mi_jax.attacks.ead import MOMENTA as EAD_MOMENTA
@@ -65,11 +66,7 @@ from magnet_mi_jax.models import alpha_gan
 from magnet_mi_jax.utils import device_description, git_commit
 
 PAPER_DIR = Path(__file__).resolve().parent / "paper"
-ATTACKS = ("cw_l2", "ead_l1", "ead_en")
-EAD_RULES = {"ead_l1": "l1", "ead_en": "en"}
-ATTACK_FAMILIES = {"cw_l2": "cw", "ead_l1": "ead", "ead_en": "ead"}   # attack -> the run that produces it
-FAMILY_ATTACKS = {"cw": ("cw_l2",), "ead": ("ead_l1", "ead_en")}      # run -> every cell one run gives
-ATTACK_TITLES = {"cw_l2": "C&W-L2", "ead_l1": "EAD-L1", "ead_en": "EAD-EN"}
+ATTACKS = ("cw_l2", "ead_l1", "ead_en")   # the paper's attacks; any cell of magnet_mi_jax.attacks.registry runs
 DEFENSES = ("magnet", "mi_magnet")
 DEFENSE_TITLES = {"magnet": "MagNet", "mi_magnet": "MI-MagNet"}
 TEST_IMAGES = 10_000      # MNIST's and CIFAR-10's test sets
@@ -119,33 +116,21 @@ class TablesConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if not (np.isfinite(self.mi_temperature) and self.mi_temperature > 0):
             raise ValueError(f"mi_temperature must be a finite value > 0, got {self.mi_temperature}")
-        unknown = set(self.attacks) - set(ATTACKS)
+        unknown = set(self.attacks) - set(registry.cell_names())
         if unknown or not self.attacks:
-            raise ValueError(f"attacks must be a non-empty subset of {ATTACKS}, got {self.attacks}")
-
-    def iterations_for(self, attack: str) -> int:
-        """Iterations per search step of ``attack`` (``cw_iterations`` overrides ``iterations`` for C&W)."""
-        return self.cw_iterations if attack == "cw_l2" and self.cw_iterations is not None else self.iterations
+            raise ValueError(f"attacks must be a non-empty subset of {registry.cell_names()}, got {self.attacks}")
 
     def family_settings(self, family: str, kappa: float) -> dict[str, Any]:
-        """The settings one attack run's adversarial examples depend on (hashed into its shards' keys).
+        """The settings one attack run's adversarial examples depend on (hashed into its shards' keys): the
+        registered run's :meth:`~magnet_mi_jax.attacks.registry.AttackRun.key_settings`.
 
         ``shard_size`` and ``kappas_per_call`` are not among them: they only change how the work is split into
         calls (every quantity of the attacks is per example; a shard's key holds its own image indices)."""
-        settings = {"family": family, "kappa": float(kappa),
-                    "iterations": self.iterations_for(FAMILY_ATTACKS[family][0]), "search_steps": self.search_steps,
-                    "initial_const": self.initial_const, "learning_rate": self.learning_rate,
-                    "attack_version": attacks.ATTACK_VERSION}
-        if family == "ead":
-            settings.update(beta=self.beta, momentum=self.ead_momentum, method="fista", abort_early=False,
-                            rules=list(EAD_RULES.values()))
-        else:
-            settings.update(abort_early=self.cw_abort_early)
-        return settings
+        return registry.get(family).key_settings(self, kappa)
 
     def families(self) -> tuple[str, ...]:
         """The attack runs this config needs, in table order."""
-        return tuple(dict.fromkeys(ATTACK_FAMILIES[a] for a in self.attacks))
+        return tuple(dict.fromkeys(registry.run_of(a).name for a in self.attacks))
 
     def deviations(self) -> dict[str, tuple[Any, Any]]:
         """Every attack-protocol setting that differs from the paper's (``FULL``): name -> (ours, paper's)."""
@@ -318,7 +303,7 @@ def load_shard(path: Path, shard: Shard, image_shape: tuple[int, ...]) -> dict[s
     n = shard.stop - shard.start
     try:
         with np.load(path, allow_pickle=False) as f:
-            cells = {a: {k: f[f"{a}.{k}"] for k in ATTACK_FIELDS} for a in FAMILY_ATTACKS[shard.family]}
+            cells = {a: {k: f[f"{a}.{k}"] for k in ATTACK_FIELDS} for a in registry.get(shard.family).cells}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         raise RuntimeError(f"corrupt attack shard {path}: {type(err).__name__}: {err}; "
                            "delete it to recompute it") from err
@@ -371,27 +356,17 @@ def run_job(job: AttackJob, logits_fn: Callable, params: Any, x: np.ndarray, y: 
     compilation; the padding is dropped).
     """
     kappa = jnp.asarray(job.kappas, jnp.float32)[:, None]                 # (G, 1)
-    common = dict(params=params, kappa=kappa, const=config.initial_const, learning_rate=config.learning_rate,
-                  search_steps=config.search_steps)
-    if job.family == "cw":
-        def craft(xb, yb):
-            return {"cw_l2": attacks.cw_l2(logits_fn, xb, yb, iterations=config.iterations_for("cw_l2"),
-                                           abort_early=config.cw_abort_early, **common)}
-    elif job.family == "ead":
-        def craft(xb, yb):
-            out = attacks.ead(logits_fn, xb, yb, beta=config.beta, rule=tuple(EAD_RULES.values()),
-                              iterations=config.iterations_for("ead"), momentum=config.ead_momentum,
-                              abort_early=False, **common)
-            return {attack: out[rule] for attack, rule in EAD_RULES.items()}
-    else:
-        raise ValueError(f"unknown attack run {job.family!r}; known: {tuple(FAMILY_ATTACKS)}")
+    run = registry.get(job.family)
+
+    def craft(xb, yb):
+        return run.craft(logits_fn, params, xb, yb, kappa, config)
 
     def craft_rows(idx):              # (b,) image indices -> {attack: {field: (b, G, ...)}}
         out = craft(jnp.asarray(x[idx]), jnp.asarray(y[idx], jnp.int32))
         return {a: {k: jnp.swapaxes(getattr(res, k), 0, 1) for k in ATTACK_FIELDS} for a, res in out.items()}
 
     rows = map_batches(craft_rows, np.arange(job.start, job.stop), config.shard_size)
-    return {kappa: {a: {k: rows[a][k][:, g] for k in ATTACK_FIELDS} for a in FAMILY_ATTACKS[job.family]}
+    return {kappa: {a: {k: rows[a][k][:, g] for k in ATTACK_FIELDS} for a in run.cells}
             for g, kappa in enumerate(job.kappas)}
 
 
@@ -491,7 +466,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     lines += [f"# {title}: accuracy (%) on adversarial examples, MagNet vs MI-strengthened MagNet", "",
               "Each cell: ours (paper, ours - paper). Untargeted, oblivious setting; "
               f"{cfg['n_images']} correctly classified test images (seed {cfg['seed']}).", ""]
-    header = ["kappa"] + [f"{DEFENSE_TITLES[d]} {ATTACK_TITLES[a]}" for d in DEFENSES for a in cfg["attacks"]]
+    header = ["kappa"] + [f"{DEFENSE_TITLES[d]} {registry.title(a)}" for d in DEFENSES for a in cfg["attacks"]]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for kappa in cfg["kappas"]:
         cells = []
@@ -515,7 +490,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         attack, kappa = key.split("/")
         l1 = "-" if c["mean_l1"] is None else f"{c['mean_l1']:.2f}"
         l2 = "-" if c["mean_l2"] is None else f"{c['mean_l2']:.3f}"
-        lines.append(f"| {ATTACK_TITLES[attack]} | {kappa} | {c['attack_success_rate']:.1f} | {l1} | {l2} |")
+        lines.append(f"| {registry.title(attack)} | {kappa} | {c['attack_success_rate']:.1f} | {l1} | {l2} |")
     lines += ["", f"MI detector: reading `{cfg['mi_reading']}`, T = {cfg['mi_temperature']:g}. "
               f"Commit `{result['git_commit']}`, device {result['device']}, wall time {result['wall_seconds']:.0f} s.",
               f"Command: `{result['command']}`", ""]
@@ -562,7 +537,7 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
             pk = sorted(k for (d, a, k) in paper if d == defense and a == attack)
             ax.plot(pk, [paper[(defense, attack, k)] for k in pk], "--", color=colors[defense], alpha=0.7,
                     label=f"{DEFENSE_TITLES[defense]} (paper)")
-        ax.set_title(ATTACK_TITLES[attack])
+        ax.set_title(registry.title(attack))
         ax.set_xlabel("kappa")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy on adversarial examples (%)")
@@ -583,7 +558,7 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
 def _log_timing(cache_dir: Path, job: AttackJob, seconds: float, config: TablesConfig) -> None:
     """Appends one line per attack call to ``<cache>/timings.jsonl`` (the campaign's measured costs)."""
     record = {"family": job.family, "kappas": list(job.kappas), "images": [job.start, job.stop],
-              "seconds": round(seconds, 2), "iterations": config.iterations_for(FAMILY_ATTACKS[job.family][0]),
+              "seconds": round(seconds, 2), "iterations": registry.get(job.family).settings(config).get("iterations"),
               "search_steps": config.search_steps, "device": device_description(), "git_commit": git_commit(),
               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with open(cache_dir / "timings.jsonl", "a") as f:
@@ -721,7 +696,7 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
     keys = [(a, k) for a in config.attacks for k in config.kappas]
     bar = tqdm(keys, desc="defenses on cells", dynamic_ncols=True)
     for attack, kappa in bar:
-        present = [s for s in shards if s.family == ATTACK_FAMILIES[attack] and s.kappa == kappa
+        present = [s for s in shards if s.family == registry.run_of(attack).name and s.kappa == kappa
                    and crafted[s] is not None]
         if not present:
             continue
@@ -785,9 +760,9 @@ def build_config(args: argparse.Namespace) -> TablesConfig:
         except ValueError:
             raise SystemExit(f"error: --kappas takes comma-separated numbers, e.g. 0,10,20; got {args.kappas!r}") from None
     if args.attacks is not None:
-        unknown = set(args.attacks.split(",")) - set(ATTACKS)
+        unknown = set(args.attacks.split(",")) - set(registry.cell_names())
         if unknown:
-            raise SystemExit(f"error: unknown attacks {sorted(unknown)}; choose from {ATTACKS}")
+            raise SystemExit(f"error: unknown attacks {sorted(unknown)}; choose from {registry.cell_names()}")
         changes["attacks"] = tuple(args.attacks.split(","))
     try:
         return dataclasses.replace(config, **changes)
@@ -811,7 +786,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--kappas", default=None,
                         help="comma-separated kappa grid, e.g. 0,10,20 (default MNIST 0,5,...,40, CIFAR-10 "
                              "0,10,...,80; --quick: MNIST 0,10,...,40, CIFAR-10 0,20,40,80)")
-    parser.add_argument("--attacks", default=None, help=f"comma-separated subset of {','.join(ATTACKS)}")
+    parser.add_argument("--attacks", default=None, help=f"comma-separated subset of {','.join(registry.cell_names())}")
     parser.add_argument("--iterations", type=int, default=None,
                         help="iterations per search step (default 1,000; --quick: MNIST 100, CIFAR-10 50)")
     parser.add_argument("--cw-iterations", dest="cw_iterations", type=int, default=None,

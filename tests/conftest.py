@@ -6,6 +6,7 @@ here downloads.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from magnet_mi_jax import data
+from magnet_mi_jax import checkpoint, data
+from magnet_mi_jax.models import alpha_gan, mnist_ae_i, mnist_ae_ii
 from train.classifier import small_classifier
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,3 +50,21 @@ def tiny_mnist_classifier(mnist):
     logits = jax.jit(module.apply)(params, mnist.test_x[:2000])
     acc = float(np.mean(np.argmax(logits, -1) == mnist.test_y[:2000]))
     return module, params, acc
+
+
+@pytest.fixture(scope="session")
+def tiny_setup(tmp_path_factory, mnist, tiny_mnist_classifier):
+    """Checkpoints of a tiny trained classifier and untrained AEs/GAN, and a 400-image slice of MNIST."""
+    root = tmp_path_factory.mktemp("tables")
+    ckpt = root / "checkpoints"
+    module, params, _ = tiny_mnist_classifier
+    checkpoint.save_params(ckpt / "mnist" / "classifier", params, {"command": "fixture"})
+    for name, build in (("ae_i", mnist_ae_i), ("ae_ii", mnist_ae_ii)):
+        checkpoint.save_params(ckpt / "mnist" / name, checkpoint.init_params(build(), "mnist", jax.random.key(1)),
+                               {"command": "untrained"})
+    gan = alpha_gan.mnist_alpha_gan()
+    checkpoint.save_params(ckpt / "mnist" / "generator", alpha_gan.init_params(gan, jax.random.key(2)),
+                           {"command": "untrained"})
+    small = dataclasses.replace(mnist, val_x=mnist.val_x[:400], val_y=mnist.val_y[:400],
+                                test_x=mnist.test_x[:400], test_y=mnist.test_y[:400])
+    return ckpt, small

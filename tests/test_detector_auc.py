@@ -19,6 +19,7 @@ import pytest
 
 from eval import detector_auc, tables
 from magnet_mi_jax import checkpoint, data
+from magnet_mi_jax.attacks import registry
 from magnet_mi_jax.detectors import MNIST_MAGNET, magnet_forward, roc_auc, softmax_t
 from magnet_mi_jax.detectors.mi import READINGS, conditional_table, mi_quantities
 from magnet_mi_jax.models import MnistClassifier, alpha_gan, mnist_ae_i, mnist_ae_ii
@@ -64,12 +65,12 @@ def _write_run(results, ckpt, clf_params, ds):
     }
     rows = {}
     for (attack, kappa), (adv, success) in cells.items():
-        family = tables.ATTACK_FAMILIES[attack]
+        family = registry.run_of(attack).name
         shard = tables.Shard(family, kappa, 0, 0, N_ATT)
         path = tables.shard_path(results / "cache", CONFIG, shard, context, indices)
         zeros = np.zeros(N_ATT, np.float32)
         cell = dict(adv=adv, success=success, l0=zeros, l1=zeros, l2=zeros, linf=zeros, const=zeros)
-        tables.save_shard(path, {a: cell for a in tables.FAMILY_ATTACKS[family]})
+        tables.save_shard(path, {a: cell for a in registry.get(family).cells})
         rows[f"{attack}/{kappa:g}"] = {"attack": attack, "kappa": kappa, "shards": [path.name]}
     table = {"config": dataclasses.asdict(CONFIG), "indices": indices.tolist(), "cells": rows,
              "command": f"python -m eval.tables --dataset mnist --quick --checkpoints {ckpt}",

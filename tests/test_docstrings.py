@@ -9,7 +9,8 @@ import sys
 import pytest
 
 MODULES = ["magnet_mi_jax.attacks.common", "magnet_mi_jax.attacks.cw", "magnet_mi_jax.attacks.ead",
-           "magnet_mi_jax.attacks.fastvjp", "magnet_mi_jax.attacks.adaptive", "magnet_mi_jax.models.layers"]
+           "magnet_mi_jax.attacks.fastvjp", "magnet_mi_jax.attacks.adaptive", "magnet_mi_jax.attacks.registry",
+           "magnet_mi_jax.models.layers"]
 
 
 @pytest.mark.parametrize("name", MODULES)

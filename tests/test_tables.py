@@ -12,28 +12,9 @@ import pytest
 
 from eval import tables
 from magnet_mi_jax import checkpoint
-from magnet_mi_jax.models import alpha_gan, mnist_ae_i, mnist_ae_ii
 
 TINY = dataclasses.replace(tables.FULL["mnist"], n_images=6, kappas=(0.0, 5.0), iterations=8, search_steps=2,
                            shard_size=3, quick=True)
-
-
-@pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory, mnist, tiny_mnist_classifier):
-    """Checkpoints of a tiny trained classifier and untrained AEs/GAN, and a 400-image slice of MNIST."""
-    root = tmp_path_factory.mktemp("tables")
-    ckpt = root / "checkpoints"
-    module, params, _ = tiny_mnist_classifier
-    checkpoint.save_params(ckpt / "mnist" / "classifier", params, {"command": "fixture"})
-    for name, build in (("ae_i", mnist_ae_i), ("ae_ii", mnist_ae_ii)):
-        checkpoint.save_params(ckpt / "mnist" / name, checkpoint.init_params(build(), "mnist", jax.random.key(1)),
-                               {"command": "untrained"})
-    gan = alpha_gan.mnist_alpha_gan()
-    checkpoint.save_params(ckpt / "mnist" / "generator", alpha_gan.init_params(gan, jax.random.key(2)),
-                           {"command": "untrained"})
-    small = dataclasses.replace(mnist, val_x=mnist.val_x[:400], val_y=mnist.val_y[:400],
-                                test_x=mnist.test_x[:400], test_y=mnist.test_y[:400])
-    return ckpt, small
 
 
 def _run(tiny_setup, out, config=TINY):
