@@ -1,4 +1,6 @@
-"""Data loaders against the published facts of the official files (../shared/data/README.md)."""
+"""Data loaders against the published facts of the official files: their md5 sums (as the datasets' own pages
+and torchvision / TFDS publish them), sizes and per-class counts (LeCun's MNIST page; CIFAR-10's 1,000 test images
+per class). The constants below are those facts; docs/design.md, section 1, says where the files come from."""
 
 from __future__ import annotations
 

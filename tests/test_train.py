@@ -307,9 +307,11 @@ def test_loading_verifies_the_cards_parameter_hash(tmp_path):
         checkpoint.load_model("mnist", "ae_ii", tmp_path / "copy")
 
 
-def test_shipped_cards_hash_the_shipped_weights():
+@pytest.mark.parametrize("root", [None, "variants/short_training"])
+def test_shipped_cards_hash_the_shipped_weights(root):
+    root = None if root is None else checkpoint.DEFAULT_CHECKPOINTS / root
     for name in ("classifier", "ae_i", "ae_ii", "generator"):
-        _, params, meta = checkpoint.load_model("mnist", name)       # verifies params_sha256
+        _, params, meta = checkpoint.load_model("mnist", name, root)   # verifies params_sha256
         assert len(meta["params_sha256"]) == 64
 
 
@@ -353,7 +355,13 @@ def test_shipped_weights_measure_what_their_cards_claim(mnist):
         assert errors["mse"] == pytest.approx(card["metrics"]["test_mse"], rel=1e-3)
         assert errors["mae"] == pytest.approx(card["metrics"]["test_mae"], rel=1e-3)
     module, params, card = checkpoint.load_model("mnist", "generator")
-    classify, _ = generator.load_classifier("mnist", None)
+    # its conditional accuracy was measured with the classifier its card names (shipped, or a named variant)
+    roots = [None, *sorted(str(p) for p in (checkpoint.DEFAULT_CHECKPOINTS / "variants").iterdir())]
+    named = [r for r in roots
+             if checkpoint.read_meta(checkpoint.checkpoints_dir(r) / "mnist" / "classifier")["command"]
+             == card["metrics"]["classifier"]["command"]]
+    assert named, "the generator's card names a classifier that is neither shipped nor a shipped variant"
+    classify, _ = generator.load_classifier("mnist", named[0])
     measured = generator.measure(module, params, mnist.test_x[:1000], mnist.test_y[:1000], classify)
     assert card["metrics"]["eval_images"] == "first 1000 test images"
     assert measured["conditional_accuracy"] == pytest.approx(card["metrics"]["conditional_accuracy"], abs=2e-3)
