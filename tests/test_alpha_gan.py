@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -200,3 +201,63 @@ def test_figure_grid_places_inputs_and_conditions():
     assert grid[1 + 5, 2 + 5 * 3, 0] == 0.5               # row 1, condition 2 (left = 2 + 3 * 5)
     with pytest.raises(ValueError, match="do not match"):
         figure_grid(inputs[:1], gens)
+
+
+PAPER = alpha_gan.LossWeights(classes=0.0, code=1.0, image_label=False, code_label=False, relabelled=False)
+
+
+def _changed(before, after):
+    return any(float(jnp.abs(a - b).max()) > 0 for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+
+
+def test_plain_variant_loss_against_an_independent_computation(mnist):
+    """The paper's plain alpha-GAN: L_EG = lambda L_rec + mean over {x_r, x_p} of g(D(x_f)) + w_code g(C(E(x))),
+    D and C blind to the label, recomputed here from the module's own methods."""
+    module, params = _model("mnist")
+    images, labels = jnp.asarray(mnist.train_x[:8]), jnp.asarray(mnist.train_y[:8])
+    key = jax.random.key(7)
+    txs = alpha_gan.make_optimizers(1e-3)
+    _, _, metrics = alpha_gan.update_step(module, PAPER, txs, params, alpha_gan.init_opt_state(txs, params),
+                                          images, labels, key)
+    _, k_prior_y, k_prior_z, _ = jax.random.split(key, 4)
+    y_prior = jax.random.randint(k_prior_y, (8,), 0, 10)
+    z_prior = jax.random.normal(k_prior_z, (8, module.latent_dim))
+    call = functools.partial(module.apply, params)
+    z = call(images, method=alpha_gan.ConditionalAlphaGAN.encode)
+    x_r = call(z, _onehot(labels), method=alpha_gan.ConditionalAlphaGAN.generate)
+    x_p = call(z_prior, _onehot(y_prior), method=alpha_gan.ConditionalAlphaGAN.generate)
+    blind = jnp.zeros((16, 10))
+    s, _ = call(jnp.concatenate([x_r, x_p]), blind, method=alpha_gan.ConditionalAlphaGAN.discriminate)
+    c = call(z, blind[:8], method=alpha_gan.ConditionalAlphaGAN.discriminate_code)
+    rec = jnp.mean(jnp.abs(images - x_r))
+    want = 50.0 * rec + jnp.mean(jax.nn.softplus(-s)) + 1.0 * jnp.mean(jax.nn.softplus(-c))
+    np.testing.assert_allclose(float(metrics["rec_l1"]), float(rec), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["loss_eg"]), float(want), rtol=1e-5)
+
+
+@pytest.mark.parametrize("weights, blind", [(PAPER, True), (alpha_gan.LossWeights(), False)])
+def test_a_blind_discriminator_learns_nothing_about_the_label(mnist, weights, blind):
+    """Without the label, D's projection V, D's class head and C's label inputs get no gradient, so a step
+    leaves them exactly unchanged; the class-aware variant moves all three (else the test proves nothing)."""
+    module, params = _model("mnist")
+    images, labels = jnp.asarray(mnist.train_x[:8]), jnp.asarray(mnist.train_y[:8])
+    new, _ = _run_steps(module, params, images, labels, 2, weights)
+    p, q = params["params"], new["params"]
+    label_rows = slice(module.latent_dim, None)             # C's first layer sees [z, y]
+    moved = {"projection": _changed(p["discriminator"]["projection"], q["discriminator"]["projection"]),
+             "classes": _changed(p["discriminator"]["classes"], q["discriminator"]["classes"]),
+             "code labels": _changed(p["code_discriminator"]["dense0"]["kernel"][label_rows],
+                                     q["code_discriminator"]["dense0"]["kernel"][label_rows])}
+    assert moved == {k: not blind for k in moved}
+    assert _changed(p["discriminator"]["realism"], q["discriminator"]["realism"])     # D still learns
+
+
+def test_generator_variants_are_named_configs():
+    generator = train_generator
+    paper = generator.variant_config("mnist", "paper")
+    assert paper.loss_weights() == dataclasses.replace(PAPER, reconstruction=paper.reconstruction_weight)
+    assert generator.variant_config("mnist", "class_aware").loss_weights() == alpha_gan.LossWeights()
+    between = generator.variant_config("mnist", "no_code_label").loss_weights()
+    assert not between.code_label and between.image_label and between.classes > 0
+    with pytest.raises(ValueError, match="unknown generator variant 'plain'"):
+        generator.variant_config("mnist", "plain")

@@ -15,10 +15,13 @@ the same command to resume. At the end the weights go to ``checkpoints/<dataset>
   conditions j and the same test images (the paper's Figure 2 as a number), with the per-condition values;
 * ``reconstruction_accuracy``: the classifier's accuracy on G(E(x), y) being y.
 
-Configs: Adam 2e-4 (b1 0.5) for each player, batch 64, lambda = 50 on the per-pixel mean L1 error, code weight
-5 (with the label-conditioned code discriminator this is what removes the class from the code; at weight 1 the
-code discriminator kept winning and G(E(x), j) copied the input's digit), auxiliary-class weight 3, moving
-average 0.999 of E and G. Chosen with 600-step runs on 12,800 MNIST images; the MNIST
+Variants (``--variant``, :data:`VARIANTS`): ``paper`` (the default) is the plain conditional alpha-GAN the MI
+paper describes; ``class_aware`` is the generator shipped first; ``no_code_label`` lies between them.
+
+Configs: Adam 2e-4 (b1 0.5) for each player, batch 64, lambda = 50 on the per-pixel mean L1 error, moving
+average 0.999 of E and G. ``class_aware``: code weight 5 (with the label-conditioned code discriminator this is
+what removes the class from the code; at weight 1 the code discriminator kept winning and G(E(x), j) copied
+the input's digit), auxiliary-class weight 3. Chosen with 600-step runs on 12,800 MNIST images; the MNIST
 epoch count fits a ~40-minute run on 2 CPU cores. The CIFAR-10 config is the same recipe, untuned (it needs a
 GPU).
 
@@ -56,16 +59,45 @@ class GeneratorConfig:
     adversarial: str = "nonsaturating"     # or "logratio" (Rosca et al.)
     ema_decay: float = 0.999               # moving average of E and G; the exported E and G are the average
     eval_images: int = 1000
+    variant: str = "class_aware"           # a name from VARIANTS; the fields below follow it
+    image_label: bool = True               # D conditioned on the label by projection
+    code_label: bool = True                # C conditioned on the label
+    relabelled: bool = True                # fakes include G(E(x), y') with a wrong label y'
 
     def loss_weights(self) -> alpha_gan.LossWeights:
         return alpha_gan.LossWeights(reconstruction=self.reconstruction_weight, code=self.code_weight,
-                                     classes=self.class_weight, adversarial=self.adversarial)
+                                     classes=self.class_weight, adversarial=self.adversarial,
+                                     image_label=self.image_label, code_label=self.code_label,
+                                     relabelled=self.relabelled)
 
+
+#: Generator variants by name: the fields each sets on a dataset's config.
+#:
+#: * ``paper``: the plain conditional alpha-GAN the MI paper describes: the class is appended to G's input and
+#:   nothing else knows it (no auxiliary classifier, unconditional D and C, no relabelled fakes); code weight 1,
+#:   the alpha-GAN's (Rosca et al.) unit weight, since 5 was chosen for the label-conditioned C below.
+#: * ``class_aware``: the variant shipped first: AC-GAN auxiliary classifier (weight 3), projection D,
+#:   label-conditioned C (weight 5, which strips the class from the code), relabelled fakes. It maximises
+#:   conditional accuracy.
+#: * ``no_code_label``: ``class_aware`` with Rosca et al.'s unconditional C(z): the code may keep the class.
+VARIANTS = {
+    "paper": dict(class_weight=0.0, code_weight=1.0, image_label=False, code_label=False, relabelled=False),
+    "class_aware": dict(class_weight=3.0, code_weight=5.0, image_label=True, code_label=True, relabelled=True),
+    "no_code_label": dict(class_weight=3.0, code_weight=5.0, image_label=True, code_label=False, relabelled=True),
+}
+DEFAULT_VARIANT = "paper"
 
 CONFIGS = {
     "mnist": GeneratorConfig(epochs=5),
     "cifar10": GeneratorConfig(epochs=100, batch_size=64),
 }
+
+
+def variant_config(dataset: str, variant: str) -> GeneratorConfig:
+    """The dataset's config with a named variant's fields."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown generator variant {variant!r}; known: {sorted(VARIANTS)}")
+    return dataclasses.replace(CONFIGS[dataset], variant=variant, **VARIANTS[variant])
 
 
 def make_optimizers(config: GeneratorConfig):
@@ -144,12 +176,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--code-weight", type=float, default=None, help="override the code-adversarial weight")
     parser.add_argument("--class-weight", type=float, default=None, help="override the auxiliary-class weight")
     parser.add_argument("--eval-images", type=int, default=None, help="images for validation/test metrics")
+    parser.add_argument("--variant", default=DEFAULT_VARIANT, choices=sorted(VARIANTS),
+                        help=f"which class-aware parts the alpha-GAN has (default {DEFAULT_VARIANT}: the paper's plain "
+                             "conditional alpha-GAN; see VARIANTS)")
     parser.add_argument("--classifier-checkpoints", default=None,
                         help="checkpoint root holding <dataset>/classifier for the conditional accuracy "
                              "(default: --checkpoints)")
     args = parser.parse_args(argv)
     command = common.command_line(argv, "train.generator")
-    config = common.override(CONFIGS[args.dataset], args)
+    config = common.override(variant_config(args.dataset, args.variant), args)
     config = dataclasses.replace(config, **{k: v for k, v in (("reconstruction_weight", args.rec_weight),
                                                               ("code_weight", args.code_weight),
                                                               ("class_weight", args.class_weight),

@@ -23,14 +23,19 @@ Losses (one step; x, y a batch of real images and their one-hot labels; sigma th
 * Reconstruction:    L_rec = mean_{b, pixels} |x - x_r|                               (the L1 term)
 * Image adversarial (generator side), with g(t) = softplus(-t) ("non-saturating", -log D) or g(t) = -t
   (Rosca et al.'s log-ratio, -log D + log(1 - D)):
-  L_adv = (1/3) sum_{f in {r, s, p}} mean_b g(D(x_f, y_f))
+  L_adv = (1/|F|) sum_{f in F} mean_b g(D(x_f, y_f)),  F = {r, s, p} ({r, p} without relabelled fakes)
 * Code adversarial (encoder side):  L_code = mean_b g(C(z_e, y))
 * Class term on the relabelled fakes (AC-GAN): L_cls = (1/2) [CE(a(x_s), y') + CE(a(x_p), y'')]
 * Encoder + generator:  L_EG = lambda L_rec + L_adv + w_code L_code + w_cls L_cls
-* Image discriminator:  L_D = mean_b softplus(-D(x, y)) + (1/3) sum_f mean_b softplus(D(x_f, y_f))
+* Image discriminator:  L_D = mean_b softplus(-D(x, y)) + (1/|F|) sum_{f in F} mean_b softplus(D(x_f, y_f))
   + w_cls CE(a(x), y)             (fakes held constant)
 * Code discriminator:   L_C = mean_b softplus(-C(z_p', y)) + mean_b softplus(C(z_e, y))   (z_e held constant;
   z_p' ~ N(0, I) drawn independently of z_p)
+
+Variants (:class:`LossWeights`): every class-aware part except G's input can be switched off. With all of
+them off (no auxiliary classifier, unconditional D and C, no relabelled fakes) this is the plain conditional
+alpha-GAN the MI paper describes ("the class condition is appended to the generation process"); the shipped
+defaults are the class-aware variant described here.
 
 Two things make G(E(x), j) look like class j for every condition j: the label-conditioned code discriminator
 removes the class from the code (so the reconstruction term itself forces G to read y), and the relabelled
@@ -295,16 +300,29 @@ class LossWeights:
       code: w_code, weight of the encoder's code-adversarial term.
       classes: w_cls, weight of the auxiliary-classifier terms (0 disables them).
       adversarial: ``"nonsaturating"`` (g(t) = softplus(-t)) or ``"logratio"`` (g(t) = -t, Rosca et al.).
+      image_label: D sees the label through its projection term; False gives an unconditional realism
+        logit s = w^T phi + b (the label input is zeroed, so V gets no gradient).
+      code_label: C sees the label; False gives Rosca et al.'s code discriminator C(z), which matches E(x)'s
+        marginal to N(0, I) and lets the code keep the class.
+      relabelled: the fakes include x_s = G(E(x), y'); False keeps only x_r and x_p, as a plain alpha-GAN does.
+
+    The paper's plain conditional alpha-GAN (condition appended to G's input, nothing else class-aware) is
+    ``LossWeights(classes=0, image_label=False, code_label=False, relabelled=False)``.
     """
 
     reconstruction: float = 50.0
     code: float = 5.0
     classes: float = 3.0
     adversarial: str = "nonsaturating"
+    image_label: bool = True
+    code_label: bool = True
+    relabelled: bool = True
 
     def __post_init__(self):
         if self.adversarial not in ("nonsaturating", "logratio"):
             raise ValueError(f"adversarial must be 'nonsaturating' or 'logratio', got {self.adversarial!r}")
+        if min(self.reconstruction, self.code, self.classes) < 0:
+            raise ValueError(f"loss weights must be >= 0, got {self}")
 
 
 def _generator_adversarial(logits: jnp.ndarray, form: str) -> jnp.ndarray:
@@ -379,9 +397,13 @@ def update_step(module: ConditionalAlphaGAN, weights: LossWeights,
     y_prior = jax.random.randint(k_prior_y, (batch,), 0, k)
     z_prior = jax.random.normal(k_prior_z, (batch, module.latent_dim))
     z_code_prior = jax.random.normal(k_code, (batch, module.latent_dim))
-    y_fake = jnp.concatenate([y_true, y_wrong, y_prior])                 # (3B,)
+    y_fake = jnp.concatenate([y_true, y_wrong, y_prior] if weights.relabelled else [y_true, y_prior])  # (F*B,)
     y_fake_1h = jax.nn.one_hot(y_fake, k)
     y_true_1h = jax.nn.one_hot(y_true, k)
+    # what the discriminators are told of the label: the one-hot, or zeros (then they ignore it exactly)
+    d_fake_1h = y_fake_1h if weights.image_label else jnp.zeros_like(y_fake_1h)
+    d_true_1h = y_true_1h if weights.image_label else jnp.zeros_like(y_true_1h)
+    c_true_1h = y_true_1h if weights.code_label else jnp.zeros_like(y_true_1h)
     eg, d, c = _split(params)
 
     def apply(p, *args, method):
@@ -390,14 +412,14 @@ def update_step(module: ConditionalAlphaGAN, weights: LossWeights,
     def eg_loss(eg_params):
         full = _merge(eg_params, d, c)
         z_enc = apply(full, images, method=ConditionalAlphaGAN.encode)
-        codes = jnp.concatenate([z_enc, z_enc, z_prior])
-        fakes = apply(full, codes, y_fake_1h, method=ConditionalAlphaGAN.generate)    # (3B, H, W, C)
+        codes = jnp.concatenate([z_enc, z_enc, z_prior] if weights.relabelled else [z_enc, z_prior])
+        fakes = apply(full, codes, y_fake_1h, method=ConditionalAlphaGAN.generate)    # (F*B, H, W, C)
         rec = jnp.mean(jnp.abs(images - fakes[:batch]))
-        realism, class_logits = apply(full, fakes, y_fake_1h, method=ConditionalAlphaGAN.discriminate)
+        realism, class_logits = apply(full, fakes, d_fake_1h, method=ConditionalAlphaGAN.discriminate)
         adv = _generator_adversarial(realism, weights.adversarial)
         code_adv = _generator_adversarial(
-            apply(full, z_enc, y_true_1h, method=ConditionalAlphaGAN.discriminate_code), weights.adversarial)
-        relabelled = slice(batch, 3 * batch)
+            apply(full, z_enc, c_true_1h, method=ConditionalAlphaGAN.discriminate_code), weights.adversarial)
+        relabelled = slice(batch, None)                     # x_s and x_p: labels the input image did not carry
         cls = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(class_logits[relabelled],
                                                                        y_fake[relabelled]))
         total = weights.reconstruction * rec + adv + weights.code * code_adv + weights.classes * cls
@@ -413,8 +435,8 @@ def update_step(module: ConditionalAlphaGAN, weights: LossWeights,
 
     def d_loss(d_params):
         full = _merge(eg, d_params, c)
-        real_s, real_cls = apply(full, images, y_true_1h, method=ConditionalAlphaGAN.discriminate)
-        fake_s, _ = apply(full, fakes, y_fake_1h, method=ConditionalAlphaGAN.discriminate)
+        real_s, real_cls = apply(full, images, d_true_1h, method=ConditionalAlphaGAN.discriminate)
+        fake_s, _ = apply(full, fakes, d_fake_1h, method=ConditionalAlphaGAN.discriminate)
         gan = jnp.mean(jax.nn.softplus(-real_s)) + jnp.mean(jax.nn.softplus(fake_s))
         cls = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(real_cls, y_true))
         total = gan + weights.classes * cls
@@ -423,8 +445,8 @@ def update_step(module: ConditionalAlphaGAN, weights: LossWeights,
 
     def c_loss(c_params):
         full = _merge(eg, d, c_params)
-        prior = apply(full, z_code_prior, y_true_1h, method=ConditionalAlphaGAN.discriminate_code)
-        enc = apply(full, z_enc, y_true_1h, method=ConditionalAlphaGAN.discriminate_code)
+        prior = apply(full, z_code_prior, c_true_1h, method=ConditionalAlphaGAN.discriminate_code)
+        enc = apply(full, z_enc, c_true_1h, method=ConditionalAlphaGAN.discriminate_code)
         total = jnp.mean(jax.nn.softplus(-prior)) + jnp.mean(jax.nn.softplus(enc))
         return total, {"loss_c": total, "c_acc": 0.5 * (jnp.mean(prior > 0) + jnp.mean(enc < 0))}
 
