@@ -598,7 +598,7 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
         checkpoints: str | None = None, train_missing: bool = False, command: str = "",
         dataset: data.Dataset | None = None, eval_batch: int = 500, partial: bool = False,
         worker: tuple[int, int] = (0, 1), overwrite: bool = False, cache_dir: str | Path | None = None,
-        wait_seconds: float = 0.0) -> dict[str, Any]:
+        wait_seconds: float = 0.0, craft: bool = True) -> dict[str, Any]:
     """Runs the protocol and writes every output into ``out``; returns the JSON result.
 
     Crafts the missing shards (with ``worker=(i, n)`` only every n-th, from the i-th), then writes the table
@@ -606,7 +606,8 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
     ``{"complete": False, ...}`` and writes no table. Shards live in ``cache_dir`` (default ``out/cache``);
     runs that share it share every shard they have in common (same settings, images and classifier).
     With ``wait_seconds`` > 0 a run whose own share is done waits up to that long for the other workers'
-    shards to appear in the cache, then assembles the table.
+    shards to appear in the cache, then assembles the table. ``craft=False`` crafts nothing (with ``partial``:
+    a labelled table of the shards present, to watch a campaign that another process is computing).
     """
     start = time.time()
     out = Path(out)
@@ -635,7 +636,8 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
     crafted = {shard: load_shard(paths[shard], shard, ds.image_shape) for shard in shards}
     missing = [shard for shard in shards if crafted[shard] is None]
     worker_index, workers = worker
-    mine = [shard for i, shard in enumerate(shards) if crafted[shard] is None and i % workers == worker_index]
+    mine = [shard for i, shard in enumerate(shards)
+            if craft and crafted[shard] is None and i % workers == worker_index]
     jobs = plan_jobs(config, mine)
     print(f"{len(shards) - len(missing)} of {len(shards)} shards present in {cache_dir}; "
           f"crafting {len(mine)} in {len(jobs)} calls" + (f" (worker {worker_index}/{workers})" if workers > 1 else ""))
@@ -811,6 +813,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "other's shards where settings, images and classifier agree")
     parser.add_argument("--partial", action="store_true",
                         help="write a labelled table from the shards present even if some are missing")
+    parser.add_argument("--no-craft", dest="craft", action="store_false",
+                        help="craft no shard: with --partial, a labelled table of the shards present (to watch a "
+                             "campaign another process computes)")
     parser.add_argument("--worker", default="0/1",
                         help="I/N: craft only every N-th missing shard, from the I-th (N processes, one cache)")
     parser.add_argument("--distributed", action="store_true",
@@ -840,7 +845,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         result = run(config, out, data_dir=args.data_dir, source=args.source, checkpoints=args.checkpoints,
                      train_missing=args.train_missing, command=command, partial=args.partial, worker=worker,
-                     overwrite=args.overwrite, cache_dir=args.cache, wait_seconds=wait)
+                     overwrite=args.overwrite, cache_dir=args.cache, wait_seconds=wait, craft=args.craft)
     except (checkpoint.CheckpointError, data.DataError, OverwriteError) as err:   # one line, exit status 2
         parser.exit(2, f"error: {err}\n")
     if not result["complete"] and "cells" not in result:
