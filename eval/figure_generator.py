@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="auto: --data-dir if given, else the official files downloaded once into "
                              "$MAGNET_MI_CACHE (default ~/.cache/magnet_mi_jax) and checked by md5")
     parser.add_argument("--checkpoints", default=None, help="checkpoint root (default: the repository's)")
+    parser.add_argument("--classifier-checkpoints", dest="classifier_checkpoints", default=None,
+                        help="root of the classifier that scores the generations (default: --checkpoints)")
     parser.add_argument("--rows", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-images", type=int, default=1000)
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ds = data.load_dataset(args.dataset, data_dir=args.data_dir, source=args.source)
     module, params, card = checkpoint.load_model(args.dataset, "generator", args.checkpoints)
-    classify, _ = load_classifier(args.dataset, args.checkpoints)
+    classify, _ = load_classifier(args.dataset, args.classifier_checkpoints or args.checkpoints)
 
     rows = np.random.default_rng(args.seed).permutation(len(ds.test_x))[:args.rows]
     generations = np.asarray(jax.jit(alpha_gan.generate_all_conditions, static_argnums=0)(
@@ -91,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     save_figure(figure_grid(ds.test_x[rows], generations), out, ["input", *names], title)
     report = {"figure": str(out), "test_indices": rows.tolist(), "eval_images": args.eval_images,
-              "generator_command": card.get("command"), **metrics}
+              "generator_command": card.get("command"),
+              "generator_variant": card.get("config", {}).get("variant", "class_aware"), **metrics}
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
     print(f"reconstruction L1 (mean |x - G(E(x), y)|, first {args.eval_images} test images): "

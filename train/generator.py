@@ -25,8 +25,9 @@ the input's digit), auxiliary-class weight 3. Chosen with 600-step runs on 12,80
 epoch count fits a ~40-minute run on 2 CPU cores. The CIFAR-10 config is the same recipe, untuned (it needs a
 GPU).
 
-The classifier is ``checkpoints/<dataset>/classifier`` (or ``--classifier-checkpoints``); without one the
-classifier-based numbers are recorded as null. Per-epoch validation uses the first ``eval_images`` validation
+The classifier is ``--classifier-checkpoints``, else the one in ``--checkpoints``, else the repository's
+``checkpoints/<dataset>/classifier``; without one the classifier-based numbers are recorded as null, and the
+card names the classifier used (its command, accuracy and ``params_sha256``). Per-epoch validation uses the first ``eval_images`` validation
 images.
 """
 
@@ -145,6 +146,15 @@ def load_classifier(dataset: str, checkpoints):
     return (lambda x: apply(params, x)), card
 
 
+def classifier_root(args) -> str | None:
+    """``--classifier-checkpoints``; else ``--checkpoints`` if it holds a trained classifier; else the
+    repository's checkpoints (None)."""
+    if args.classifier_checkpoints is not None:
+        return args.classifier_checkpoints
+    own = checkpoint.checkpoints_dir(args.checkpoints) / args.dataset / "classifier" / "params"
+    return args.checkpoints if own.is_dir() else None
+
+
 _all_conditions = jax.jit(alpha_gan.generate_all_conditions, static_argnums=0)
 
 
@@ -181,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "conditional alpha-GAN; see VARIANTS)")
     parser.add_argument("--classifier-checkpoints", default=None,
                         help="checkpoint root holding <dataset>/classifier for the conditional accuracy "
-                             "(default: --checkpoints)")
+                             "(default: --checkpoints if it holds one, else the repository's checkpoints)")
     args = parser.parse_args(argv)
     command = common.command_line(argv, "train.generator")
     config = common.override(variant_config(args.dataset, args.variant), args)
@@ -201,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     optimizers = make_optimizers(config)
     state = trainer.TrainState(jnp.zeros((), jnp.int32), {**params, "ema": alpha_gan.generator_networks(params)},
                                alpha_gan.init_opt_state(optimizers, params), state_key)
-    classify, classifier_card = load_classifier(args.dataset, args.classifier_checkpoints or args.checkpoints)
+    classify, classifier_card = load_classifier(args.dataset, classifier_root(args))
 
     n_eval = config.eval_images
 
@@ -224,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_images": f"first {min(n_eval, len(ds.test_x))} test images",
         "classifier": (None if classifier_card is None else
                        {"command": classifier_card.get("command"),
-                        "test_accuracy": classifier_card.get("metrics", {}).get("test_accuracy")}),
+                        "test_accuracy": classifier_card.get("metrics", {}).get("test_accuracy"),
+                        "params_sha256": classifier_card.get("params_sha256")}),
         "train_seconds": float(np.sum([h["seconds"] for h in history])) if history else None,
         "wall_seconds_this_invocation": time.perf_counter() - t_start,
         "parameters": {name: int(sum(np.size(a) for a in jax.tree.leaves(final["params"][name])))
