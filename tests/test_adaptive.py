@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from magnet_mi_jax.attacks import adaptive, common, cw_l2, ead
-from magnet_mi_jax.attacks.ead import _ead_core
+from magnet_mi_jax.attacks._ead import _ead_core
 from magnet_mi_jax.detectors import defense, magnet, thresholds
 
 K = 4

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from magnet_mi_jax.attacks import AttackResult, cw_l2, ead, margin_loss, shrinkage, update_const
 from magnet_mi_jax.attacks import common
-from magnet_mi_jax.attacks.ead import _ead_core, keep_best, rule_score
+from magnet_mi_jax.attacks._ead import _ead_core, keep_best, rule_score
 from magnet_mi_jax.models import layers
 
 ATTACKS = {"ead": ead, "cw": cw_l2}

@@ -57,8 +57,8 @@ import numpy as np
 
 from magnet_mi_jax.attacks import common
 from magnet_mi_jax.attacks.common import AttackResult, Loss, Objective
-from magnet_mi_jax.attacks.cw import cw_l2
-from magnet_mi_jax.attacks.ead import ead
+from magnet_mi_jax.attacks._cw import cw_l2
+from magnet_mi_jax.attacks._ead import ead
 from magnet_mi_jax.attacks.fastvjp import fast_vjp
 from magnet_mi_jax.detectors.defense import Spec, defense_forward
 from magnet_mi_jax.detectors.magnet import MagNet, check_networks
@@ -229,11 +229,11 @@ def adaptive_ead(spec: Spec, applies: Mapping[str, Callable], params: Mapping[st
       normalize: weight each detector by 1 / theta_d (default) or not.
       targeted: labels are targets.
       fast_vjp: run the networks through :func:`~magnet_mi_jax.attacks.fastvjp.fast_vjp`.
-      **ead_options: :func:`~magnet_mi_jax.attacks.ead.ead`'s options (kappa, const, beta, rule, iterations,
+      **ead_options: :func:`~magnet_mi_jax.attacks.ead`'s options (kappa, const, beta, rule, iterations,
         search_steps, ...).
 
     Returns:
-      :func:`~magnet_mi_jax.attacks.ead.ead`'s result; ``success`` means: not flagged by any detector at its
+      :func:`~magnet_mi_jax.attacks.ead`'s result; ``success`` means: not flagged by any detector at its
       deployed threshold and misclassified after the reformer.
     """
     return _run(ead, spec, applies, params, x0, labels, thresholds, attack_thresholds, penalty, normalize,
@@ -245,7 +245,7 @@ def adaptive_cw_l2(spec: Spec, applies: Mapping[str, Callable], params: Mapping[
                    penalty: float = 1.0, normalize: bool = True, targeted: bool = False, fast_vjp: bool = True,
                    **cw_options) -> AttackResult:
     """C&W-L2 on the whole defense; arguments as :func:`adaptive_ead`, ``**cw_options`` those of
-    :func:`~magnet_mi_jax.attacks.cw.cw_l2`."""
+    :func:`~magnet_mi_jax.attacks.cw_l2`."""
     return _run(cw_l2, spec, applies, params, x0, labels, thresholds, attack_thresholds, penalty, normalize,
                 targeted, fast_vjp, cw_options)
 

@@ -27,8 +27,8 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 from magnet_mi_jax.attacks.common import ATTACK_VERSION, AttackResult
-from magnet_mi_jax.attacks.cw import cw_l2
-from magnet_mi_jax.attacks.ead import ead
+from magnet_mi_jax.attacks._cw import cw_l2
+from magnet_mi_jax.attacks._ead import ead
 
 __all__ = ["AttackRun", "REGISTRY", "register", "unregister", "get", "run_of", "cell_names", "title"]
 

@@ -32,7 +32,7 @@ from jax import lax
 
 from magnet_mi_jax.attacks import common
 from magnet_mi_jax.attacks.common import AttackResult
-from magnet_mi_jax.attacks.ead import keep_best
+from magnet_mi_jax.attacks._ead import keep_best
 
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
 TANH_SCALE = 0.999999
@@ -117,7 +117,7 @@ def cw_l2(logits_fn: Callable, x0, labels, *, params: Any = None, kappa=0.0, con
       logits_fn: ``logits_fn(params, x) -> (B, K)`` when ``params`` is given, else ``logits_fn(x)``; pass a
         stable function object (it is a static argument of the compiled computation). Or an
         :class:`~magnet_mi_jax.attacks.common.Objective`, which replaces the margin loss (see
-        :func:`~magnet_mi_jax.attacks.ead.ead`).
+        :func:`~magnet_mi_jax.attacks.ead`).
       x0: (B, H, W, C) (any (B, ...)) float images in [0, 1].
       labels: (B,) int in [0, K): true classes, or targets with ``targeted=True``.
       params: the pytree handed to ``logits_fn`` as its first argument, or None.
@@ -134,7 +134,7 @@ def cw_l2(logits_fn: Callable, x0, labels, *, params: Any = None, kappa=0.0, con
       check_range: check on the host that x0 lies in [0, 1] (skipped for traced inputs).
 
     Returns:
-      :class:`~magnet_mi_jax.attacks.common.AttackResult` (see :func:`~magnet_mi_jax.attacks.ead.ead`).
+      :class:`~magnet_mi_jax.attacks.common.AttackResult` (see :func:`~magnet_mi_jax.attacks.ead`).
 
     Example:
       >>> import jax, jax.numpy as jnp
