@@ -61,7 +61,7 @@ from magnet_mi_jax import checkpoint, data
 from magnet_mi_jax.attacks import registry
 from magnet_mi_jax.detectors import (MAGNET_PRESETS, attack_accuracy, calibrate, clean_accuracy, decide,
                                      make_defense_fn, map_batches, mi_magnet, roc_auc)
-from magnet_mi_jax.attacks.ead import MOMENTA as EAD_MOMENTA
+from magnet_mi_jax.attacks import EAD_MOMENTA
 from magnet_mi_jax.models import alpha_gan
 from magnet_mi_jax.utils import device_description, git_commit
 

@@ -17,10 +17,10 @@ loops, a kappa grid is folded into the batch, and the batch is sharded over all 
 from magnet_mi_jax.attacks.common import (ATTACK_VERSION, AttackResult, Loss, MarginObjective, Objective, margin_loss,
                                           update_const)
 from magnet_mi_jax.attacks._cw import cw_l2
-from magnet_mi_jax.attacks._ead import ead, shrinkage
+from magnet_mi_jax.attacks._ead import MOMENTA as EAD_MOMENTA, ead, shrinkage
 from magnet_mi_jax.attacks.fastvjp import fast_vjp
 from magnet_mi_jax.attacks.adaptive import DefenseObjective, adaptive_cw_l2, adaptive_ead, attacker_thresholds
 
-__all__ = ["ATTACK_VERSION", "AttackResult", "DefenseObjective", "Loss", "MarginObjective", "Objective",
+__all__ = ["ATTACK_VERSION", "AttackResult", "EAD_MOMENTA", "DefenseObjective", "Loss", "MarginObjective", "Objective",
            "adaptive_cw_l2", "adaptive_ead", "attacker_thresholds", "cw_l2", "ead", "fast_vjp", "margin_loss",
            "shrinkage", "update_const"]
