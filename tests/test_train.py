@@ -307,7 +307,7 @@ def test_loading_verifies_the_cards_parameter_hash(tmp_path):
         checkpoint.load_model("mnist", "ae_ii", tmp_path / "copy")
 
 
-@pytest.mark.parametrize("root", [None, "variants/short_training", "variants/class_aware"])
+@pytest.mark.parametrize("root", [None, "variants/short_training", "variants/class_aware", "variants/no_code_label"])
 def test_shipped_cards_hash_the_shipped_weights(root):
     root = None if root is None else checkpoint.DEFAULT_CHECKPOINTS / root
     for name in ("classifier", "ae_i", "ae_ii", "generator"):
