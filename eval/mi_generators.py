@@ -259,7 +259,9 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-PLOTTED = {"dJ_literal_T1": ("d_J (literal, T = 1)", False), "HXgY_T1": ("log10 H(X|Y) (T = 1)", True)}
+#: score -> (axis label, how values are drawn: a (low, high) clip range, or "log10")
+PLOTTED = {"dJ_literal_T1": ("d_J (literal, T = 1), clipped to [-3, 2]", (-3.0, 2.0)),
+           "HXgY_T1": ("log10 H(X|Y) (T = 1), floored at 1e-12", "log10")}
 
 
 def plot(samples: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], path: Path) -> None:
@@ -272,10 +274,11 @@ def plot(samples: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], path: Pa
     names = list(samples)
     fig, axes = plt.subplots(len(PLOTTED), len(names), figsize=(4.2 * len(names), 3.2 * len(PLOTTED)), squeeze=False)
     for col, gen in enumerate(names):
-        for row, (score, (label, log)) in enumerate(PLOTTED.items()):
+        for row, (score, (label, drawn)) in enumerate(PLOTTED.items()):
             ax = axes[row, col]
             groups = {g: v[score] for g, v in samples[gen].items() if len(v[score])}
-            values = {g: np.log10(np.maximum(v, 1e-12)) if log else v for g, v in groups.items()}
+            values = {g: np.log10(np.maximum(v, 1e-12)) if drawn == "log10" else np.clip(v, *drawn)
+                      for g, v in groups.items()}
             lo = min(float(v.min()) for v in values.values())
             hi = max(float(v.max()) for v in values.values())
             bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 40)
@@ -304,11 +307,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--n-natural", dest="n_natural", type=int, default=detector_auc.DEFAULT_N_NATURAL)
     parser.add_argument("--fpr", type=float, default=detector_auc.DEFAULT_FPR)
     parser.add_argument("--batch-size", dest="batch_size", type=int, default=250)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing study at --out")
     args = parser.parse_args(argv)
     try:
         generators = parse_generators(args.generators)
     except ValueError as err:
         parser.error(str(err))
+    existing = [str(p) for p in (Path(args.out).with_suffix(e) for e in (".md", ".json", ".png")) if p.exists()]
+    if existing and not args.overwrite:
+        parser.error(f"{', '.join(existing)} exist; pass --overwrite to replace them, or choose another --out")
     command = " ".join(["python", "-m", "eval.mi_generators", *(sys.argv[1:] if argv is None else argv)])
     try:
         samples, result = run(args.dataset, generators, args.results, checkpoints=args.checkpoints,

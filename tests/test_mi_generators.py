@@ -124,6 +124,15 @@ def test_bad_arguments_are_named():
         mi_generators.main(["--dataset", "mnist", "--generators", "a=x", "--results", "/nonexistent", "--out", "/tmp/x"])
 
 
+def test_an_existing_study_is_not_overwritten(tmp_path, capsys):
+    (tmp_path / "study.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        mi_generators.main(["--dataset", "mnist", "--generators", "a=x", "--results", str(tmp_path), "--out",
+                            str(tmp_path / "study")])
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "study.json").read_text() == "{}"
+
+
 def test_off_diagonal_on_a_constructed_table():
     crisp = np.where(np.eye(10, dtype=bool), 50.0, 0.0)[None]          # P[j, j] ~ 1
     flat = np.zeros((1, 10, 10))                                        # P[j, :] uniform
