@@ -206,9 +206,11 @@ def test_workers_share_a_campaign_and_partial_tables_are_labelled(tiny_setup, tm
     mine = tables.run(config, out, checkpoints=str(ckpt), dataset=small, command="test", eval_batch=200,
                       worker=(1, 2))
     assert mine == {"complete": False, "shards_done": 1, "shards_total": 2} and not (out / "table.json").exists()
+    # watching the campaign: a partial table from the shards present, crafting none (worker 0's is missing)
     partial = tables.run(config, out, checkpoints=str(ckpt), dataset=small, command="test", eval_batch=200,
-                         worker=(1, 2), partial=True)
+                         partial=True, craft=False)
     assert partial["complete"] is False and partial["cells"]["cw_l2/0"]["n_images"] == 3
+    assert len(list((out / "cache").glob("cw_*.npz"))) == 1
     assert "PARTIAL" in (out / "table.md").read_text() and ",partial quick,3," in (out / "table.csv").read_text()
     done = tables.run(config, out, checkpoints=str(ckpt), dataset=small, command="test", eval_batch=200,
                       worker=(0, 2))
