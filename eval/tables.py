@@ -555,11 +555,12 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _log_timing(cache_dir: Path, job: AttackJob, seconds: float, config: TablesConfig) -> None:
-    """Appends one line per attack call to ``<cache>/timings.jsonl`` (the campaign's measured costs)."""
+def _log_timing(cache_dir: Path, job: AttackJob, seconds: float, config: TablesConfig, commit: str) -> None:
+    """Appends one line per attack call to ``<cache>/timings.jsonl`` (the campaign's measured costs); ``commit``
+    is the git commit of the code the process loaded (read at its start, not at each call)."""
     record = {"family": job.family, "kappas": list(job.kappas), "images": [job.start, job.stop],
               "seconds": round(seconds, 2), "iterations": registry.get(job.family).settings(config).get("iterations"),
-              "search_steps": config.search_steps, "device": device_description(), "git_commit": git_commit(),
+              "search_steps": config.search_steps, "device": device_description(), "git_commit": commit,
               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with open(cache_dir / "timings.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -610,6 +611,7 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
     a labelled table of the shards present, to watch a campaign that another process is computing).
     """
     start = time.time()
+    commit = git_commit()                # the code this process runs, whatever HEAD becomes while it runs
     out = Path(out)
     check_overwrite(out, config, overwrite)
     ds = dataset if dataset is not None else data.load_dataset(config.dataset, data_dir=data_dir, source=source)
@@ -653,7 +655,7 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
             crafted[shard] = cells
             made.add(shard)
         seconds.setdefault(job.family, []).append(took / len(job.kappas))
-        _log_timing(cache_dir, job, took, config)
+        _log_timing(cache_dir, job, took, config, commit)
         left = jobs[n + 1:]
         per_shard = {f: float(np.mean(v)) for f, v in seconds.items()}
         fallback = float(np.mean([t for v in seconds.values() for t in v]))
@@ -722,7 +724,7 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
         "cache": os.path.relpath(cache_dir.resolve(), out.resolve()),
         "config": dataclasses.asdict(config), "seed": config.seed,
         "indices_hash": context["indices"], "indices": indices.tolist(), "data_md5": ds.md5,
-        "data_source": ds.source, "git_commit": git_commit(), "device": device_description(),
+        "data_source": ds.source, "git_commit": commit, "device": device_description(),
         "command": command, "wall_seconds": round(time.time() - start, 1), "thresholds": thresholds,
         "clean_accuracy": clean, "cells": cells,
         "models": {k: card_summary(c) for k, c in cards.items()},
