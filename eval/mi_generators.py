@@ -38,7 +38,7 @@ import numpy as np
 from eval import detector_auc, tables
 from magnet_mi_jax import checkpoint, data
 from magnet_mi_jax.attacks import registry
-from magnet_mi_jax.detectors import MAGNET_PRESETS, calibrate, clean_accuracy, make_defense_fn, map_batches, mi_magnet
+from magnet_mi_jax.detectors import MAGNET_PRESETS, calibrate, make_defense_fn, map_batches, mi_magnet
 from magnet_mi_jax.detectors.mi import conditional_logits
 from magnet_mi_jax.models import alpha_gan
 from magnet_mi_jax.utils import device_description, git_commit
@@ -148,12 +148,8 @@ def study_generator(dataset_name: str, applies: Mapping[str, Any], params: Mappi
                                           "magnet": row["magnet"]["accuracy"],
                                           "mi_magnet": row["mi_magnet"]["accuracy"],
                                           "mi_flag_rate": row["detector_flag_rate"].get("MI")}
-    test = map_batches(lambda v: forward(params, v), ds.test_x, batch_size)
-    flags, flagged = tables.defense_flags(magnet, spec, test, thresholds)
-    plain = test.logits.argmax(-1) == ds.test_y
-    reformed = test.reformed_logits.argmax(-1) == ds.test_y
-    clean = {"test_false_positive_rate": {n: tables._pct(f.mean()) for n, f in flags.items()},
-             **{d: tables._pct(clean_accuracy(flagged[d], reformed, plain).both) for d in tables.DEFENSES}}
+    clean = tables.clean_row(magnet, spec, map_batches(lambda v: forward(params, v), ds.test_x, batch_size),
+                             ds.test_y, thresholds)
     test_logits = map_batches(cond, ds.test_x[:1000], batch_size)
     measured = {"conditional_accuracy": float(alpha_gan.conditional_accuracy(jnp.asarray(test_logits))),
                 "thresholds": {n: float(v) for n, v in thresholds.items()}, "clean": clean,

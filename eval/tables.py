@@ -399,6 +399,18 @@ def defense_flags(magnet, spec, outputs, thresholds: Mapping[str, float]
     return {n: np.asarray(f) for n, f in mi.flags.items()}, flagged
 
 
+def clean_row(magnet, spec, outputs, labels: np.ndarray, thresholds: Mapping[str, float]) -> dict[str, Any]:
+    """Clean accuracy (%) with no defense and with each defense, and each detector's false-positive rate (%),
+    from the defense pass on natural images (``outputs``) and their ``labels``; the no-defense column counts
+    the defense pass's own logits."""
+    plain_correct = outputs.logits.argmax(-1) == labels
+    flags, flagged = defense_flags(magnet, spec, outputs, thresholds)
+    reformed_correct = outputs.reformed_logits.argmax(-1) == labels
+    return {"no_defense": _pct(np.mean(plain_correct)),
+            **{d: _pct(clean_accuracy(flagged[d], reformed_correct, plain_correct).both) for d in DEFENSES},
+            "test_false_positive_rate": {n: _pct(f.mean()) for n, f in flags.items()}}
+
+
 def evaluate_cell(outputs, thresholds: Mapping[str, float], magnet, spec, labels: np.ndarray,
                   cell: Mapping[str, np.ndarray], natural_scores: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """Both defenses' accuracy on one cell's adversarial examples, plus attack statistics and detector AUCs.
@@ -682,15 +694,7 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
     val = map_batches(run_defense, ds.val_x, eval_batch)
     thresholds = calibrate(spec, val.scores, allow_fewer=len(ds.val_x) < data.VALIDATION_SIZE)
     test = map_batches(run_defense, ds.test_x, eval_batch)
-    plain_correct = test.logits.argmax(-1) == ds.test_y     # the clean row counts the defense pass's own logits
-    flags, flagged = defense_flags(magnet, spec, test, thresholds)
-    reformed_correct = test.reformed_logits.argmax(-1) == ds.test_y
-    clean = {
-        "no_defense": _pct(np.mean(plain_correct)),
-        **{d: _pct(clean_accuracy(flagged[d], reformed_correct, plain_correct).both) for d in DEFENSES},
-        "test_false_positive_rate": {n: _pct(f.mean()) for n, f in flags.items()},
-        "paper": paper_clean(config.dataset),
-    }
+    clean = {**clean_row(magnet, spec, test, ds.test_y, thresholds), "paper": paper_clean(config.dataset)}
 
     natural_scores = {n: test.scores[n][indices] for n in spec.detector_names}
 
