@@ -39,10 +39,10 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from magnet_mi_jax import data
+from magnet_mi_jax import data, datasets
 from magnet_mi_jax.attacks import ATTACK_VERSION, adaptive, cw_l2, ead
-from magnet_mi_jax.detectors import (MAGNET_PRESETS, attack_accuracy, calibrate, decide, make_defense_fn,
-                                     map_batches, mi_magnet, roc_auc, tpr_at_fpr)
+from magnet_mi_jax.detectors import (attack_accuracy, calibrate, decide, make_defense_fn,
+                                     map_batches, roc_auc, tpr_at_fpr)
 from magnet_mi_jax.utils import device_description, git_commit
 from eval import tables
 
@@ -73,8 +73,7 @@ class AdaptiveConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.dataset not in MAGNET_PRESETS:
-            raise ValueError(f"dataset must be one of {sorted(MAGNET_PRESETS)}; got {self.dataset!r}")
+        datasets.get(self.dataset)          # an unregistered name is an error naming the registered ones
         bad = [a for a in self.attacks if a not in ATTACKS]
         if bad or not self.attacks:
             raise ValueError(f"attacks must be a non-empty subset of {ATTACKS}; got {list(self.attacks)}")
@@ -196,8 +195,8 @@ def run(config: AdaptiveConfig, out: Path, *, data_dir: str | None = None, sourc
     ds = dataset if dataset is not None else data.load_dataset(config.dataset, data_dir=data_dir, source=source)
     applies, params, cards = tables.load_networks(config.dataset, checkpoints)
     tables.check_cards_against_data(cards, ds)
-    magnet = MAGNET_PRESETS[config.dataset]
-    specs = {"magnet": magnet, "mi_magnet": mi_magnet(magnet)}
+    magnet = datasets.get(config.dataset).magnet
+    specs = {"magnet": magnet, "mi_magnet": datasets.get(config.dataset).mi_magnet()}
     forward = make_defense_fn(specs["mi_magnet"], applies)
     run_defense = lambda v: forward(params, v)  # noqa: E731
 
@@ -210,7 +209,7 @@ def run(config: AdaptiveConfig, out: Path, *, data_dir: str | None = None, sourc
 
     print(f"calibrating on {len(ds.val_x)} validation images")
     val = map_batches(run_defense, ds.val_x, eval_batch).scores
-    small = len(ds.val_x) < data.VALIDATION_SIZE
+    small = len(ds.val_x) < ds.config.validation_size
     thresholds = calibrate(specs["mi_magnet"], val, allow_fewer=small)
     strict = adaptive.attacker_thresholds(specs["mi_magnet"], val, config.fpr_factor, allow_fewer=small)
     test_x = ds.test_x if natural_limit is None else ds.test_x[:natural_limit]
@@ -359,7 +358,7 @@ def build_config(args: argparse.Namespace) -> AdaptiveConfig:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m eval.adaptive", description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", choices=sorted(MAGNET_PRESETS), required=True)
+    parser.add_argument("--dataset", choices=datasets.names(), required=True)
     parser.add_argument("--out", default=None, help="output folder (default results/<dataset>-adaptive/)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--source", default="auto", choices=data.SOURCES)

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from magnet_mi_jax import checkpoint, data
+from magnet_mi_jax import checkpoint, data, datasets
 from magnet_mi_jax.utils import device_description, git_commit, map_batches
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -133,7 +133,7 @@ def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=data.DATASETS, required=True)
+    parser.add_argument("--dataset", choices=datasets.names(), required=True)
     parser.add_argument("--models", nargs="+", required=True, help="NAME=CHECKPOINT_ROOT, one per model")
     parser.add_argument("--tables", nargs="*", default=None, help="NAME=RESULTS_DIR of an eval.tables run")
     parser.add_argument("--out", required=True)

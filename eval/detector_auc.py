@@ -53,9 +53,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from eval import tables
-from magnet_mi_jax import checkpoint, data
+from magnet_mi_jax import checkpoint, data, datasets
 from magnet_mi_jax.attacks import registry
-from magnet_mi_jax.detectors import (MAGNET_PRESETS, MagNet, ReconstructionDetector, magnet_forward, map_batches,
+from magnet_mi_jax.detectors import (MagNet, ReconstructionDetector, magnet_forward, map_batches,
                                      roc_auc, tpr_at_fpr)
 from magnet_mi_jax.detectors import _checks
 from magnet_mi_jax.detectors.mi import READINGS, MIQuantities, _mi_quantities, conditional_logits
@@ -441,7 +441,7 @@ def run(results: str | Path, *, dataset_name: str, checkpoints: str | None = Non
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
 
-    magnet = MAGNET_PRESETS[dataset_name]
+    magnet = datasets.get(dataset_name).magnet
     temps = tuple(float(t) for t in temperatures)
     score_fn = make_score_fn(magnet, applies, temps)
     scores_of = lambda x: flatten_scores(map_batches(lambda v: score_fn(params, v), x, batch_size), temps)  # noqa: E731
@@ -474,7 +474,7 @@ def run(results: str | Path, *, dataset_name: str, checkpoints: str | None = Non
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=data.DATASETS, required=True)
+    parser.add_argument("--dataset", choices=datasets.names(), required=True)
     parser.add_argument("--results", required=True, help="folder of an eval.tables run (table.json and cache/)")
     parser.add_argument("--checkpoints", default=None, help="trained weights (default: the run's --checkpoints)")
     parser.add_argument("--data-dir", default=None, help=f"official dataset files (default ${data.DATA_DIR_ENV})")

@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from magnet_mi_jax import checkpoint, data
+from magnet_mi_jax import checkpoint, data, datasets
 from magnet_mi_jax.models import alpha_gan
 from train.generator import load_classifier, measure
 
@@ -60,7 +60,7 @@ def save_figure(grid: np.ndarray, path: Path, column_labels: list[str], title: s
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=data.DATASETS, required=True)
+    parser.add_argument("--dataset", choices=datasets.names(), required=True)
     parser.add_argument("--out", required=True, help="PNG path")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--source", default="auto", choices=data.SOURCES,
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         module, params, ds.test_x[rows]))
     metrics = measure(module, params, ds.test_x[:args.eval_images], ds.test_y[:args.eval_images], classify)
 
-    names = [str(j) for j in range(module.num_classes)] if args.dataset == "mnist" else list(data.CIFAR10_CLASSES)
+    names = list(datasets.get(args.dataset).class_names)
     acc = metrics.get("conditional_accuracy")
     title = (f"G(E(x), j) on {args.dataset} test images; conditional accuracy "
              f"{'n/a' if acc is None else f'{100 * acc:.2f}%'} over {args.eval_images} images x "

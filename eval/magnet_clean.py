@@ -24,9 +24,9 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from magnet_mi_jax import checkpoint, data
+from magnet_mi_jax import checkpoint, data, datasets
 from eval.tables import check_cards_against_data, load_networks, paper_clean
-from magnet_mi_jax.detectors import (MAGNET_PRESETS, MagNet, calibrate, clean_accuracy, decide, flags,
+from magnet_mi_jax.detectors import (MagNet, calibrate, clean_accuracy, decide, flags,
                                      make_defense_fn, map_batches, num_rejected)
 from magnet_mi_jax.utils import device_description, git_commit
 
@@ -110,7 +110,7 @@ def format_report(dataset: str, result: Mapping[str, Any]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", choices=data.DATASETS, required=True)
+    parser.add_argument("--dataset", choices=datasets.names(), required=True)
     parser.add_argument("--data-dir", default=None,
                         help=f"folder with the official dataset files (default: ${data.DATA_DIR_ENV}, else TFDS)")
     parser.add_argument("--source", default="auto", choices=data.SOURCES,
@@ -123,7 +123,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--json", default=None, help="also write the result as JSON to this file")
     args = parser.parse_args(argv)
 
-    spec = MAGNET_PRESETS[args.dataset]
+    spec = datasets.get(args.dataset).magnet
     try:
         applies, params, cards = load_networks(args.dataset, args.checkpoints, names=spec.network_keys)
     except checkpoint.CheckpointError as err:

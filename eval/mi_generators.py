@@ -36,9 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from eval import detector_auc, tables
-from magnet_mi_jax import checkpoint, data
+from magnet_mi_jax import checkpoint, data, datasets
 from magnet_mi_jax.attacks import registry
-from magnet_mi_jax.detectors import MAGNET_PRESETS, calibrate, make_defense_fn, map_batches, mi_magnet
+from magnet_mi_jax.detectors import calibrate, make_defense_fn, map_batches
 from magnet_mi_jax.detectors.mi import conditional_logits
 from magnet_mi_jax.models import alpha_gan
 from magnet_mi_jax.utils import device_description, git_commit
@@ -110,7 +110,7 @@ def study_generator(dataset_name: str, applies: Mapping[str, Any], params: Mappi
                     ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     """Every measurement of one generator (module docstring), as JSON-ready values, and the samples
     :func:`plot` draws (group -> score -> values)."""
-    magnet = MAGNET_PRESETS[dataset_name]
+    magnet = datasets.get(dataset_name).magnet
     k = int(np.max(ds.test_y)) + 1
     score_fn = detector_auc.make_score_fn(magnet, applies, temperatures)
     cond = jax.jit(functools.partial(conditional_logits, applies["classifier"], params["classifier"],
@@ -136,10 +136,10 @@ def study_generator(dataset_name: str, applies: Mapping[str, Any], params: Mappi
                      for n in ("HXgY_T1", "offdiag_T1", "dJ_literal_T1")}
 
     # The defenses as eval.tables builds them, with this generator.
-    spec = mi_magnet(magnet)
+    spec = datasets.get(dataset_name).mi_magnet()
     forward = make_defense_fn(spec, applies)
     val = map_batches(lambda v: forward(params, v), ds.val_x, batch_size)
-    thresholds = calibrate(spec, val.scores, allow_fewer=len(ds.val_x) < data.VALIDATION_SIZE)
+    thresholds = calibrate(spec, val.scores, allow_fewer=len(ds.val_x) < ds.config.validation_size)
     accuracy = {}
     for (attack, kappa), cell in cells.items():
         outputs = map_batches(lambda v: forward(params, v), cell["adv"], batch_size)
@@ -178,7 +178,8 @@ def run(dataset_name: str, generators: Mapping[str, str], results: Sequence[str 
         raise detector_auc.AnalysisError(f"n_natural={n_natural}, but the validation split has {len(ds.val_x)} images")
     first = detector_auc.read_table(Path(results[0]))
     base = checkpoints if checkpoints is not None else detector_auc.run_checkpoints(first)
-    applies, params, cards = tables.load_networks(dataset_name, base, names=MAGNET_PRESETS[dataset_name].network_keys)
+    applies, params, cards = tables.load_networks(dataset_name, base,
+                                                  names=datasets.get(dataset_name).magnet.network_keys)
     tables.check_cards_against_data(cards, ds)
     cells, commands = load_cells(results, ds, params["classifier"])
     temps = tuple(float(t) for t in temperatures)
@@ -292,7 +293,7 @@ def plot(samples: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], path: Pa
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=data.DATASETS, required=True)
+    parser.add_argument("--dataset", choices=datasets.names(), required=True)
     parser.add_argument("--generators", nargs="+", required=True, help="name=checkpoint_root items")
     parser.add_argument("--results", nargs="+", required=True, help="finished eval.tables runs (one classifier)")
     parser.add_argument("--out", required=True, help="output path without extension (.md, .json, .png)")

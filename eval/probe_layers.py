@@ -157,7 +157,7 @@ def probe_train_step(repeats: int = 20, batch: int = 128) -> dict[str, dict[str,
 
     from train import classifier, trainer
     module = MnistClassifier()
-    config = classifier.CONFIGS["mnist"]
+    config = classifier.config_for("mnist")
     tx = classifier.optimizer(config)
     params = module.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
     state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key(1))

@@ -57,10 +57,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from magnet_mi_jax import checkpoint, data
+from magnet_mi_jax import checkpoint, data, datasets
 from magnet_mi_jax.attacks import registry
-from magnet_mi_jax.detectors import (MAGNET_PRESETS, attack_accuracy, calibrate, clean_accuracy, decide,
-                                     make_defense_fn, map_batches, mi_magnet, roc_auc)
+from magnet_mi_jax.detectors import (attack_accuracy, calibrate, clean_accuracy, decide,
+                                     make_defense_fn, map_batches, roc_auc)
 from magnet_mi_jax.attacks import EAD_MOMENTA
 from magnet_mi_jax.models import alpha_gan
 from magnet_mi_jax.utils import device_description, git_commit
@@ -69,7 +69,6 @@ PAPER_DIR = Path(__file__).resolve().parent / "paper"
 ATTACKS = ("cw_l2", "ead_l1", "ead_en")   # the paper's attacks; any cell of magnet_mi_jax.attacks.registry runs
 DEFENSES = ("magnet", "mi_magnet")
 DEFENSE_TITLES = {"magnet": "MagNet", "mi_magnet": "MI-MagNet"}
-TEST_IMAGES = 10_000      # MNIST's and CIFAR-10's test sets
 CACHE_FORMAT = 2     # 2: shards (attack run x kappa x image slice), compressed
 
 
@@ -110,8 +109,9 @@ class TablesConfig:
             raise ValueError(f"kappas must be a non-empty grid of finite values >= 0, got {self.kappas}")
         if len(set(self.kappas)) != len(self.kappas):
             raise ValueError(f"kappas must not repeat a value, got {self.kappas}")
-        if self.n_images > TEST_IMAGES:
-            raise ValueError(f"n_images must be at most the {TEST_IMAGES} test images, got {self.n_images}")
+        test_size = datasets.get(self.dataset).test_size       # an unregistered dataset is an error here
+        if test_size is not None and self.n_images > test_size:
+            raise ValueError(f"n_images must be at most the {test_size} test images, got {self.n_images}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if not (np.isfinite(self.mi_temperature) and self.mi_temperature > 0):
@@ -133,25 +133,27 @@ class TablesConfig:
         return tuple(dict.fromkeys(registry.run_of(a).name for a in self.attacks))
 
     def deviations(self) -> dict[str, tuple[Any, Any]]:
-        """Every attack-protocol setting that differs from the paper's (``FULL``): name -> (ours, paper's)."""
-        full = FULL[self.dataset]
+        """Every attack-protocol setting that differs from the paper's (:func:`protocol`): name -> (ours, paper's)."""
+        full = protocol(self.dataset)
         names = ("n_images", "kappas", "iterations", "cw_iterations", "search_steps", "initial_const", "beta",
                  "learning_rate", "cw_abort_early", "ead_momentum")
         return {n: (getattr(self, n), getattr(full, n)) for n in names if getattr(self, n) != getattr(full, n)}
 
 
-FULL = {
-    "mnist": TablesConfig(dataset="mnist", kappas=tuple(float(k) for k in range(0, 41, 5))),
-    "cifar10": TablesConfig(dataset="cifar10", kappas=tuple(float(k) for k in range(0, 81, 10))),
-}
-QUICK = {
-    # EAD works in pixel space and converges in 100 iterations; C&W keeps the paper's 1,000: its tanh-space
-    # Adam moves w by about lr = 0.01 per step, and a black MNIST pixel starts at w = atanh(-0.999999) = -7.25.
-    "mnist": dataclasses.replace(FULL["mnist"], n_images=100, kappas=(0.0, 10.0, 20.0, 30.0, 40.0),
-                                 iterations=100, cw_iterations=1000, search_steps=9, quick=True),
-    "cifar10": dataclasses.replace(FULL["cifar10"], n_images=50, kappas=(0.0, 20.0, 40.0, 80.0),
-                                   iterations=50, search_steps=6, quick=True),
-}
+def protocol(dataset: str, quick: bool = False) -> TablesConfig:
+    """The dataset's table protocol from its config (:mod:`magnet_mi_jax.datasets`): ``protocols["full"]`` on the
+    defaults above (the paper's), and with ``quick`` the reduced CPU preset ``protocols["quick"]`` on top.
+
+    Raises:
+      ValueError: the dataset is not registered, or ``quick`` and its config names no quick protocol.
+    """
+    config = datasets.get(dataset)
+    full = TablesConfig(dataset=dataset, **config.protocols.get("full", {}))
+    if not quick:
+        return full
+    if "quick" not in config.protocols:
+        raise ValueError(f"{dataset}'s config names no quick protocol")
+    return dataclasses.replace(full, **config.protocols["quick"], quick=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,7 +162,8 @@ QUICK = {
 
 
 def paper_tables(dataset: str) -> dict[tuple[str, str, float], float]:
-    """(defense, attack, kappa) -> the paper's accuracy in %, from ``eval/paper/tables.csv``."""
+    """(defense, attack, kappa) -> the paper's accuracy in %, from ``eval/paper/tables.csv`` (empty for a
+    dataset the paper did not evaluate)."""
     out = {}
     with open(PAPER_DIR / "tables.csv") as f:
         for row in csv.DictReader(f):
@@ -172,12 +175,14 @@ def paper_tables(dataset: str) -> dict[tuple[str, str, float], float]:
     return out
 
 
-def paper_clean(dataset: str) -> dict[str, float]:
+def paper_clean(dataset: str) -> dict[str, float] | None:
+    """The paper's clean accuracies (no defense, MagNet, MI-MagNet) in %, or None for a dataset it did not
+    evaluate."""
     with open(PAPER_DIR / "clean_accuracy.csv") as f:
         for row in csv.DictReader(f):
             if row["dataset"] == dataset:
                 return {k: float(row[k]) for k in ("no_defense", "magnet", "mi_magnet")}
-    raise KeyError(dataset)
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,7 +216,8 @@ def load_networks(dataset: str, checkpoints: str | None, train_missing: bool = F
                   names: tuple[str, ...] | None = None):
     """``(applies, params, cards)`` for the networks ``names`` (default: the classifier, the MagNet
     auto-encoders and the alpha-GAN, whose ``"generator"`` checkpoint gives ``"encoder"`` and ``"generator"``)."""
-    names = list(MAGNET_PRESETS[dataset].network_keys) + ["generator"] if names is None else list(names)
+    config = datasets.get(dataset)
+    names = list(config.magnet.network_keys) + [config.generator] if names is None else list(names)
     applies, params, cards = {}, {}, {}
     for name in names:
         try:
@@ -222,7 +228,7 @@ def load_networks(dataset: str, checkpoints: str | None, train_missing: bool = F
             _train(dataset, name, checkpoints, data_dir)
             module, p, card = checkpoint.load_model(dataset, name, checkpoints)
         cards[name] = card
-        if name == "generator":
+        if config.networks[name].kind == "generator":
             applies["encoder"], params["encoder"] = alpha_gan.encoder_fn(module), p
             applies["generator"], params["generator"] = alpha_gan.generator_fn(module), p
         else:
@@ -239,11 +245,13 @@ def check_cards_against_data(cards: Mapping[str, Mapping[str, Any]], ds: data.Da
 def _train(dataset: str, name: str, checkpoints: str | None, data_dir: str | None) -> None:
     common = ["--dataset", dataset] + (["--checkpoints", checkpoints] if checkpoints else []) + (
         ["--data-dir", data_dir] if data_dir else [])
-    print(f"training missing model {dataset}/{name} ({checkpoint.model_spec(dataset, name).train_command})")
-    if name == "classifier":
+    config = datasets.get(dataset)
+    print(f"training missing model {dataset}/{name} ({config.train_command(name)})")
+    kind = config.networks[name].kind
+    if kind == "classifier":
         from train import classifier
         classifier.main(common)
-    elif name == "generator":
+    elif kind == "generator":
         from train import generator
         generator.main(common)
     else:
@@ -406,7 +414,7 @@ def clean_row(magnet, spec, outputs, labels: np.ndarray, thresholds: Mapping[str
     plain_correct = outputs.logits.argmax(-1) == labels
     flags, flagged = defense_flags(magnet, spec, outputs, thresholds)
     reformed_correct = outputs.reformed_logits.argmax(-1) == labels
-    return {"no_defense": _pct(np.mean(plain_correct)),
+    return {"n_test": int(len(labels)), "no_defense": _pct(np.mean(plain_correct)),
             **{d: _pct(clean_accuracy(flagged[d], reformed_correct, plain_correct).both) for d in DEFENSES},
             "test_false_positive_rate": {n: _pct(f.mean()) for n, f in flags.items()}}
 
@@ -462,7 +470,8 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     """The paper's table layout, every cell "ours (paper, difference)" in % accuracy."""
     cfg = result["config"]
     lines = []
-    title = {"mnist": "Table 1 (MNIST)", "cifar10": "Table 2 (CIFAR-10)"}[cfg["dataset"]]
+    dataset = datasets.get(cfg["dataset"])
+    title = f"{dataset.paper_table} ({dataset.title})" if dataset.paper_table else dataset.title
     if not result.get("complete", True):
         lines += [f"> **PARTIAL**: {result['shards_done']} of {result['shards_total']} shards crafted; each cell "
                   "is measured on the images whose shards exist (its `n_images` in table.json), and cells "
@@ -492,9 +501,10 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     if any(c["n_success"] == 0 for c in result["cells"].values()):
         lines += ["", "† The attack found no adversarial example in this cell: its accuracy is measured on the "
                   "unperturbed images and says nothing about robustness."]
-    lines += ["", "Clean test accuracy (%), all 10,000 test images:", "",
+    paper_clean_row = clean.get("paper") or {}
+    lines += ["", f"Clean test accuracy (%), all {clean.get('n_test', 10_000):,} test images:", "",
               "| | no defense | MagNet | MI-MagNet |", "|---|---|---|---|",
-              "| ours (paper, diff) | " + " | ".join(_fmt_cell(clean[k], clean["paper"][k])
+              "| ours (paper, diff) | " + " | ".join(_fmt_cell(clean[k], paper_clean_row.get(k))
                                                     for k in ("no_defense", "magnet", "mi_magnet")) + " |", ""]
     lines += ["Attack statistics (successful examples):", "",
               "| attack | kappa | success % | mean L1 | mean L2 |", "|---|---|---|---|---|"]
@@ -630,8 +640,8 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
     applies, params, cards = load_networks(config.dataset, checkpoints, train_missing, data_dir)
     check_cards_against_data(cards, ds)
 
-    magnet = MAGNET_PRESETS[config.dataset]
-    spec = mi_magnet(magnet, reading=config.mi_reading, temperature=config.mi_temperature)
+    magnet = datasets.get(config.dataset).magnet
+    spec = datasets.get(config.dataset).mi_magnet(reading=config.mi_reading, temperature=config.mi_temperature)
     forward = make_defense_fn(spec, applies)
     run_defense = lambda x: forward(params, x)  # noqa: E731
 
@@ -692,7 +702,7 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
     # Natural images: thresholds on validation, clean accuracy on test.
     print(f"calibrating on {len(ds.val_x)} validation images and measuring {len(ds.test_x)} test images")
     val = map_batches(run_defense, ds.val_x, eval_batch)
-    thresholds = calibrate(spec, val.scores, allow_fewer=len(ds.val_x) < data.VALIDATION_SIZE)
+    thresholds = calibrate(spec, val.scores, allow_fewer=len(ds.val_x) < ds.config.validation_size)
     test = map_batches(run_defense, ds.test_x, eval_batch)
     clean = {**clean_row(magnet, spec, test, ds.test_y, thresholds), "paper": paper_clean(config.dataset)}
 
@@ -753,7 +763,10 @@ def distributed_worker(coordinator: str | None = None, num_processes: int | None
 
 
 def build_config(args: argparse.Namespace) -> TablesConfig:
-    config = (QUICK if args.quick else FULL)[args.dataset]
+    try:
+        config = protocol(args.dataset, quick=args.quick)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     changes: dict[str, Any] = {}
     for name in ("n_images", "iterations", "cw_iterations", "search_steps", "seed", "shard_size", "kappas_per_call",
                  "ead_momentum", "mi_reading", "mi_temperature"):
@@ -780,7 +793,7 @@ def build_config(args: argparse.Namespace) -> TablesConfig:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=data.DATASETS, required=True)
+    parser.add_argument("--dataset", choices=datasets.names(), required=True)
     parser.add_argument("--quick", action="store_true", help="the reduced CPU preset (labelled in every output)")
     parser.add_argument("--out", default=None, help="output folder (default results/<dataset>[-quick]/)")
     parser.add_argument("--data-dir", default=None, help=f"official dataset files (default ${data.DATA_DIR_ENV})")

@@ -7,18 +7,18 @@ A shipped model lives in ``<checkpoints>/<dataset>/<name>/``:
   reconstruction error, ...) and ``params_sha256``, a hash of the parameters that loading verifies, so a
   corrupted or swapped weights file is an error naming it instead of a silently wrong model.
 
-``load_model("mnist", "classifier")`` returns the Flax module, its parameters and the card. The default
+``load_model("mnist", "classifier")`` returns the Flax module, its parameters and the card; which networks a
+dataset has, and how each is built, is its config's ``networks`` (:mod:`magnet_mi_jax.datasets`). The default
 folder is the repository's ``checkpoints/``; ``$MAGNET_MI_CHECKPOINTS`` or an explicit argument overrides it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from magnet_mi_jax.data import IMAGE_SHAPES
-from magnet_mi_jax.models import alpha_gan, autoencoder, classifier
+from magnet_mi_jax import datasets
+from magnet_mi_jax.datasets import NetworkSpec
 
 CHECKPOINTS_ENV = "MAGNET_MI_CHECKPOINTS"
 DEFAULT_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
@@ -37,45 +37,19 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or does not fit its model; the message names the path."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """How to build a named model and which command trains it.
+def model_spec(dataset: str, name: str) -> NetworkSpec:
+    """The :class:`~magnet_mi_jax.datasets.NetworkSpec` of network ``name`` in ``dataset``'s config.
 
-    ``init(module, key) -> params`` initialises a model whose ``__call__`` does not take a single image batch
-    (e.g. the alpha-GAN, which also takes a one-hot condition); ``None`` uses :func:`init_params`.
+    Raises:
+      CheckpointError: the dataset is not registered or its config names no such network.
     """
-
-    build: Callable[[], nn.Module]
-    train_command: str
-    init: Callable[[nn.Module, jax.Array], Any] | None = None
-
-
-MODELS: dict[tuple[str, str], ModelSpec] = {
-    ("mnist", "classifier"): ModelSpec(classifier.MnistClassifier, "python -m train.classifier --dataset mnist"),
-    ("cifar10", "classifier"): ModelSpec(classifier.CifarClassifier, "python -m train.classifier --dataset cifar10"),
-    ("mnist", "ae_i"): ModelSpec(autoencoder.mnist_ae_i, "python -m train.autoencoder --dataset mnist --which ae_i"),
-    ("mnist", "ae_ii"): ModelSpec(autoencoder.mnist_ae_ii, "python -m train.autoencoder --dataset mnist --which ae_ii"),
-    ("cifar10", "ae"): ModelSpec(autoencoder.cifar_ae, "python -m train.autoencoder --dataset cifar10 --which ae"),
-    # Conditional alpha-GAN: load_model returns a ConditionalAlphaGAN; alpha_gan.encoder_fn(module) and
-    # alpha_gan.generator_fn(module) give encoder(params, x) and generator(params, z, y_onehot).
-    ("mnist", "generator"): ModelSpec(alpha_gan.mnist_alpha_gan, "python -m train.generator --dataset mnist",
-                                      alpha_gan.init_params),
-    ("cifar10", "generator"): ModelSpec(alpha_gan.cifar_alpha_gan, "python -m train.generator --dataset cifar10",
-                                        alpha_gan.init_params),
-}
-
-
-def register_model(dataset: str, name: str, spec: ModelSpec) -> None:
-    """Adds a model to the registry (used by modules that define further networks, e.g. the generator)."""
-    MODELS[(dataset, name)] = spec
-
-
-def model_spec(dataset: str, name: str) -> ModelSpec:
     try:
-        return MODELS[(dataset, name)]
-    except KeyError:
-        known = ", ".join(f"{d}/{n}" for d, n in sorted(MODELS))
-        raise CheckpointError(f"unknown model {dataset}/{name}; known: {known}") from None
+        config = datasets.get(dataset)
+    except datasets.UnknownDatasetError as err:
+        raise CheckpointError(str(err)) from None
+    if name not in config.networks:
+        raise CheckpointError(f"unknown model {dataset}/{name}; {dataset}'s networks: {', '.join(config.networks)}")
+    return config.networks[name]
 
 
 def checkpoints_dir(path: str | os.PathLike | None = None) -> Path:
@@ -86,7 +60,7 @@ def checkpoints_dir(path: str | os.PathLike | None = None) -> Path:
 
 def init_params(module: nn.Module, dataset: str, key: jax.Array, batch: int = 1) -> Any:
     """``{"params": ...}`` of ``module`` initialised for ``dataset``'s image shape (other collections dropped)."""
-    x = jnp.zeros((batch, *IMAGE_SHAPES[dataset]), jnp.float32)
+    x = jnp.zeros((batch, *datasets.get(dataset).image_shape), jnp.float32)
     return {"params": module.init(key, x)["params"]}
 
 
@@ -169,7 +143,7 @@ def load_model(dataset: str, name: str, checkpoints: str | os.PathLike | None = 
         root = checkpoints_dir(checkpoints)
         where = "" if root == DEFAULT_CHECKPOINTS else f" --checkpoints {root}"
         raise CheckpointError(f"no trained {dataset}/{name} at {directory}; train it with: "
-                              f"{spec.train_command}{where}")
+                              f"{datasets.get(dataset).train_command(name)}{where}")
     template = (spec.init(module, jax.random.key(0)) if spec.init is not None
                 else init_params(module, dataset, jax.random.key(0)))
     params, meta = load_params(directory, template), read_meta(directory)

@@ -1,19 +1,23 @@
-"""MNIST and CIFAR-10: loading, MagNet splits and the selection of attacked images.
+"""Loading the registered datasets, MagNet splits and the selection of attacked images.
 
-Two real sources, one result type:
+What differs between datasets (file format and names, shape, classes) is its config in
+:mod:`magnet_mi_jax.datasets`; this module reads any registered dataset by its declared ``file_format``
+(:data:`FORMATS`: MNIST's IDX files, CIFAR-10's binary records, or ``.npz`` arrays for new datasets).
 
-* ``source="files"`` reads the official distribution files from a local folder: MNIST's four
-  ``*-idx?-ubyte.gz`` files, CIFAR-10's binary version ``cifar-10-batches-bin/*.bin``. The folder is the
-  ``data_dir`` argument (``--data-dir`` on every entry point) or the environment variable
-  ``MAGNET_MI_DATA_DIR``. Either the dataset's files themselves or a parent holding ``mnist/`` and
-  ``cifar10/`` may be given.
+Sources, one result type:
+
+* ``source="files"`` reads the distribution files from a local folder: MNIST's four ``*-idx?-ubyte.gz``
+  files, CIFAR-10's binary version ``cifar-10-batches-bin/*.bin``. The folder is the ``data_dir`` argument
+  (``--data-dir`` on every entry point) or the environment variable ``MAGNET_MI_DATA_DIR``. Either the
+  dataset's files themselves or a parent holding them in one of the config's ``folders`` (``mnist/``,
+  ``cifar10/``) may be given.
 * ``source="tfds"`` reads a prepared TensorFlow Datasets copy with ``tfds.data_source`` (NumPy, no
   TensorFlow needed at read time).
 * ``source="auto"`` (the default) uses the files when a folder is configured and TFDS otherwise; if TFDS has
   no prepared copy and cannot download one, the error says how to point at local files.
 
 Every loader returns float32 NHWC images in [0, 1] and int32 labels. The MagNet split (Trevillie/MagNet)
-takes the first 5,000 training images as validation and the rest as training.
+takes the first ``validation_size`` (5,000) training images as validation and the rest as training.
 
 Note on order: the official files keep the official order. TFDS stores examples in its own order, so the
 positional validation split differs between the two sources; ``Dataset.source`` records which was used.
@@ -31,36 +35,12 @@ from typing import Callable
 
 import numpy as np
 
+from magnet_mi_jax import datasets
+from magnet_mi_jax.datasets import DatasetConfig
+
 DATA_DIR_ENV = "MAGNET_MI_DATA_DIR"
-DATASETS = ("mnist", "cifar10")
-VALIDATION_SIZE = 5000
-NUM_CLASSES = 10
-IMAGE_SHAPES = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
-
-#: The published md5 checksums of the official distribution files.
-OFFICIAL_MD5 = {
-    "mnist": {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-              "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-              "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-              "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"},
-    "cifar10": {"data_batch_1.bin": "5dd7e06a14cb22eb9f671a540d1b7c25",
-                "data_batch_2.bin": "5ea93a67294ea407fff1d09f752e9692",
-                "data_batch_3.bin": "942cd6a4bcdd0dd3c604fbe906cb4421",
-                "data_batch_4.bin": "ae636b3ba5c66a11e91e8cb52e771fcb",
-                "data_batch_5.bin": "53f37980c15c3d472c316c40844f3f0d",
-                "test_batch.bin": "803d5f7f4d78ea53de84dbe85f74fb6d"},
-}
-
-MNIST_FILES = {
-    "train_images": "train-images-idx3-ubyte.gz",
-    "train_labels": "train-labels-idx1-ubyte.gz",
-    "test_images": "t10k-images-idx3-ubyte.gz",
-    "test_labels": "t10k-labels-idx1-ubyte.gz",
-}
-CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
-CIFAR10_TEST_FILE = "test_batch.bin"
 CIFAR10_RECORD_BYTES = 1 + 32 * 32 * 3
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+_CIFAR10_BIN_CLASSES = 10
 
 _IDX_IMAGES_MAGIC = 0x00000803
 _IDX_LABELS_MAGIC = 0x00000801
@@ -75,13 +55,13 @@ class Dataset:
     """One dataset, split the MagNet way.
 
     Attributes:
-      name: ``"mnist"`` or ``"cifar10"``.
+      name: a registered dataset name (:func:`magnet_mi_jax.datasets.names`).
       train_x: (N_train, H, W, C) float32 in [0, 1]; training images (index 5,000 on of the official train set).
       train_y: (N_train,) int32 labels.
-      val_x: (5000, H, W, C) float32; the first 5,000 official training images.
-      val_y: (5000,) int32.
-      test_x: (10000, H, W, C) float32.
-      test_y: (10000,) int32.
+      val_x: (N_val, H, W, C) float32; the first 5,000 official training images (the config's validation_size).
+      val_y: (N_val,) int32.
+      test_x: (N_test, H, W, C) float32 (10,000 for MNIST and CIFAR-10).
+      test_y: (N_test,) int32.
       source: ``"files"`` or ``"tfds"``.
       md5: file name -> md5 of each file read (empty for TFDS).
     """
@@ -98,7 +78,12 @@ class Dataset:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return IMAGE_SHAPES[self.name]
+        return tuple(self.test_x.shape[1:])
+
+    @property
+    def config(self) -> DatasetConfig:
+        """The dataset's registered config."""
+        return datasets.get(self.name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,7 +107,7 @@ def check_model_data(ds: Dataset, card: dict, model: str) -> None:
     differ = {f: (recorded[f], ds.md5.get(f)) for f in recorded if ds.md5.get(f) != recorded[f]}
     if not differ:
         return
-    official = OFFICIAL_MD5.get(ds.name, {})
+    official = datasets.get(ds.name).official_md5 if ds.name in datasets.names() else {}
     text = "; ".join(f"{f}: card {want}, loaded {got}" for f, (want, got) in differ.items())
     if any(official.get(f) == want for f, (want, _) in differ.items()):
         raise DataError(f"{model} was trained on the official {ds.name} files, but other files were loaded ({text}); "
@@ -163,7 +148,7 @@ def parse_idx_images(raw: bytes, *, what: str = "idx images") -> np.ndarray:
 
 
 def parse_idx_labels(raw: bytes, *, what: str = "idx labels") -> np.ndarray:
-    """Parses an IDX1 label file (magic 0x00000801) into a (N,) uint8 array of labels 0..9."""
+    """Parses an IDX1 label file (magic 0x00000801) into a (N,) uint8 array (the range is checked per dataset)."""
     if len(raw) < 8:
         raise DataError(f"{what}: {len(raw)} bytes is too short for an IDX1 header (8 bytes)")
     magic, n = np.frombuffer(raw[:8], dtype=">u4")
@@ -171,10 +156,7 @@ def parse_idx_labels(raw: bytes, *, what: str = "idx labels") -> np.ndarray:
         raise DataError(f"{what}: wrong magic number 0x{int(magic):08x}, expected 0x{_IDX_LABELS_MAGIC:08x} (IDX1 labels)")
     if len(raw) != 8 + int(n):
         raise DataError(f"{what}: header says {n} labels but the file has {len(raw) - 8} (truncated?)")
-    labels = np.frombuffer(raw, dtype=np.uint8, offset=8)
-    if labels.size and labels.max() >= NUM_CLASSES:
-        raise DataError(f"{what}: label {labels.max()} out of range 0..{NUM_CLASSES - 1}")
-    return labels
+    return np.frombuffer(raw, dtype=np.uint8, offset=8)
 
 
 def parse_cifar10_bin(raw: bytes, *, what: str = "cifar-10 batch") -> tuple[np.ndarray, np.ndarray]:
@@ -183,76 +165,135 @@ def parse_cifar10_bin(raw: bytes, *, what: str = "cifar-10 batch") -> tuple[np.n
         raise DataError(f"{what}: {len(raw)} bytes is not a whole number of {CIFAR10_RECORD_BYTES}-byte records (truncated?)")
     records = np.frombuffer(raw, dtype=np.uint8).reshape(-1, CIFAR10_RECORD_BYTES)
     labels = records[:, 0]
-    if labels.max() >= NUM_CLASSES:
-        raise DataError(f"{what}: label {labels.max()} out of range 0..{NUM_CLASSES - 1} (not a CIFAR-10 binary file?)")
+    if labels.max() >= _CIFAR10_BIN_CLASSES:
+        raise DataError(f"{what}: label {labels.max()} out of range 0..{_CIFAR10_BIN_CLASSES - 1} "
+                        "(not a CIFAR-10 binary file?)")
     images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), labels
 
 
-def _find_dir(root: Path, name: str) -> Path:
-    """The folder under ``root`` that holds ``name``'s files: root itself or a conventional child."""
-    if name == "mnist":
-        candidates = [root, root / "mnist", root / "MNIST" / "raw"]
-        marker = MNIST_FILES["test_labels"]
-    else:
-        candidates = [root, root / "cifar-10-batches-bin", root / "cifar10" / "cifar-10-batches-bin", root / "cifar10"]
-        marker = CIFAR10_TEST_FILE
+def _find_dir(root: Path, config: DatasetConfig | str) -> Path:
+    """The folder under ``root`` that holds the dataset's files: root itself or one of the config's ``folders``."""
+    config = datasets.get(config) if isinstance(config, str) else config
+    candidates = [root / sub if sub else root for sub in config.folders]
+    marker = list(config.files.values())[-1][0]           # the test files, the last role
     for candidate in candidates:
         if (candidate / marker).is_file():
             return candidate
     tried = ", ".join(str(c) for c in candidates)
-    raise DataError(f"no {name} files found under {root}: looked for {marker} in {tried}")
+    raise DataError(f"no {config.name} files found under {root}: looked for {marker} in {tried}")
 
 
 def _to_float(images_u8: np.ndarray) -> np.ndarray:
     return images_u8.astype(np.float32) / np.float32(255.0)
 
 
-def load_mnist_files(data_dir: str | os.PathLike) -> Dataset:
-    """Loads MNIST from the four official ``.gz`` IDX files in ``data_dir`` (or ``data_dir/mnist``)."""
-    folder = _find_dir(Path(data_dir), "mnist")
-    arrays, md5 = {}, {}
-    for key, fname in MNIST_FILES.items():
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]     # train_x, train_y, test_x, test_y (uint8, int)
+
+
+def _checked_path(folder: Path, fname: str, md5: dict[str, str]) -> Path:
+    path = folder / fname
+    if not path.is_file():
+        raise DataError(f"missing file: {path}")
+    md5[fname] = md5sum(path)
+    return path
+
+
+def read_idx(config: DatasetConfig, folder: Path, md5: dict[str, str]) -> Arrays:
+    """Format ``"idx"``: gzipped IDX files, roles ``train_images``, ``train_labels``, ``test_images``,
+    ``test_labels`` (MNIST's distribution)."""
+    arrays = {}
+    for role in ("train_images", "train_labels", "test_images", "test_labels"):
+        (fname,) = config.files[role]
         path = folder / fname
         raw = _read_gzip(path)
         md5[fname] = md5sum(path)
-        parse = parse_idx_images if key.endswith("images") else parse_idx_labels
-        arrays[key] = parse(raw, what=str(path))
+        parse = parse_idx_images if role.endswith("images") else parse_idx_labels
+        arrays[role] = parse(raw, what=str(path))
     for split in ("train", "test"):
         if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
-            raise DataError(f"MNIST {split}: {len(arrays[f'{split}_images'])} images but {len(arrays[f'{split}_labels'])} labels")
-    train_x = _to_float(arrays["train_images"])[..., None]
-    test_x = _to_float(arrays["test_images"])[..., None]
-    return _split("mnist", train_x, arrays["train_labels"], test_x, arrays["test_labels"], "files", md5)
+            raise DataError(f"{config.title} {split}: {len(arrays[f'{split}_images'])} images but "
+                            f"{len(arrays[f'{split}_labels'])} labels")
+    return (arrays["train_images"][..., None], arrays["train_labels"], arrays["test_images"][..., None],
+            arrays["test_labels"])
+
+
+def read_cifar_bin(config: DatasetConfig, folder: Path, md5: dict[str, str]) -> Arrays:
+    """Format ``"cifar_bin"``: CIFAR-10's binary records, roles ``train`` (several files) and ``test``."""
+    def read(role: str) -> tuple[np.ndarray, np.ndarray]:
+        parts = [parse_cifar10_bin(_checked_path(folder, f, md5).read_bytes(), what=str(folder / f))
+                 for f in config.files[role]]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    return (*read("train"), *read("test"))
+
+
+def read_npz(config: DatasetConfig, folder: Path, md5: dict[str, str]) -> Arrays:
+    """Format ``"npz"``: one ``.npz`` per role (``train``, ``test``) holding ``images`` (N, H, W, C) uint8 and
+    ``labels`` (N,) integers; read without pickle. The simplest way to add a dataset."""
+    out = []
+    for role in ("train", "test"):
+        (fname,) = config.files[role]
+        path = _checked_path(folder, fname, md5)
+        try:
+            with np.load(path, allow_pickle=False) as arrays:
+                images, labels = arrays["images"], arrays["labels"]
+        except (OSError, ValueError, KeyError) as err:
+            raise DataError(f"{path} is not an .npz with arrays 'images' and 'labels' ({type(err).__name__}: "
+                            f"{err})") from err
+        if images.dtype != np.uint8 or images.ndim != 4 or labels.ndim != 1 or len(labels) != len(images):
+            raise DataError(f"{path}: need images (N, H, W, C) uint8 and labels (N,), got {images.dtype} "
+                            f"{images.shape} and {labels.shape}")
+        out += [images, labels]
+    return tuple(out)
+
+
+#: File formats by name: ``reader(config, folder, md5) -> (train_x, train_y, test_x, test_y)`` (uint8 images),
+#: recording each file's md5 into ``md5``. A config's ``file_format`` names one.
+FORMATS: dict[str, Callable[[DatasetConfig, Path, dict[str, str]], Arrays]] = {
+    "idx": read_idx, "cifar_bin": read_cifar_bin, "npz": read_npz}
+
+
+def load_files(config: DatasetConfig | str, data_dir: str | os.PathLike) -> Dataset:
+    """Loads a dataset from its files in ``data_dir`` (or one of the config's ``folders`` under it)."""
+    config = datasets.get(config) if isinstance(config, str) else config
+    if config.file_format not in FORMATS:
+        raise DataError(f"{config.name}: unknown file format {config.file_format!r}; known: {', '.join(FORMATS)}")
+    folder = _find_dir(Path(data_dir), config)
+    md5: dict[str, str] = {}
+    train_u8, train_y, test_u8, test_y = FORMATS[config.file_format](config, folder, md5)
+    if config.test_size is not None and len(test_u8) != config.test_size:
+        raise DataError(f"{config.name} files in {folder}: {len(test_u8)} test images, the config says "
+                        f"{config.test_size}")
+    return _split(config, _to_float(train_u8), train_y, _to_float(test_u8), test_y, "files", md5)
+
+
+def load_mnist_files(data_dir: str | os.PathLike) -> Dataset:
+    """Loads MNIST from the four official ``.gz`` IDX files in ``data_dir`` (or ``data_dir/mnist``)."""
+    return load_files("mnist", data_dir)
 
 
 def load_cifar10_files(data_dir: str | os.PathLike) -> Dataset:
     """Loads CIFAR-10 from the official binary version (``data_batch_1..5.bin``, ``test_batch.bin``)."""
-    folder = _find_dir(Path(data_dir), "cifar10")
-    md5: dict[str, str] = {}
-
-    def read(fname: str) -> tuple[np.ndarray, np.ndarray]:
-        path = folder / fname
-        if not path.is_file():
-            raise DataError(f"missing file: {path}")
-        md5[fname] = md5sum(path)
-        return parse_cifar10_bin(path.read_bytes(), what=str(path))
-
-    parts = [read(f) for f in CIFAR10_TRAIN_FILES]
-    train_x = _to_float(np.concatenate([p[0] for p in parts]))
-    train_y = np.concatenate([p[1] for p in parts])
-    test_u8, test_y = read(CIFAR10_TEST_FILE)
-    return _split("cifar10", train_x, train_y, _to_float(test_u8), test_y, "files", md5)
+    return load_files("cifar10", data_dir)
 
 
-def _split(name, train_x, train_y, test_x, test_y, source, md5) -> Dataset:
-    if len(train_x) <= VALIDATION_SIZE:
-        raise DataError(f"{name}: {len(train_x)} training images, need more than {VALIDATION_SIZE} for the MagNet split")
+def _split(config: DatasetConfig, train_x, train_y, test_x, test_y, source, md5) -> Dataset:
+    """Checks shapes, sizes and label range against the config, then holds out the validation images."""
+    name, n_val = config.name, config.validation_size
+    for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+        if tuple(x.shape[1:]) != config.image_shape:
+            raise DataError(f"{name} {split}: images of shape {tuple(x.shape[1:])}, the config says {config.image_shape}")
+        if len(y) and (np.min(y) < 0 or np.max(y) >= config.num_classes):
+            raise DataError(f"{name} {split}: label {np.max(y) if np.max(y) > 0 else np.min(y)} out of range "
+                            f"0..{config.num_classes - 1}")
+    if len(train_x) <= n_val:
+        raise DataError(f"{name}: {len(train_x)} training images, need more than {n_val} for the MagNet split")
     train_y = np.asarray(train_y, dtype=np.int32)
     return Dataset(
         name=name,
-        train_x=train_x[VALIDATION_SIZE:], train_y=train_y[VALIDATION_SIZE:],
-        val_x=train_x[:VALIDATION_SIZE], val_y=train_y[:VALIDATION_SIZE],
+        train_x=train_x[n_val:], train_y=train_y[n_val:],
+        val_x=train_x[:n_val], val_y=train_y[:n_val],
         test_x=test_x, test_y=np.asarray(test_y, dtype=np.int32),
         source=source, md5=md5,
     )
@@ -264,25 +305,30 @@ def _split(name, train_x, train_y, test_x, test_y, source, md5) -> Dataset:
 
 
 def _local_files_hint(name: str) -> str:
-    files = ", ".join(MNIST_FILES.values()) if name == "mnist" else "cifar-10-batches-bin/*.bin"
-    return (f"Point at the official {name} files instead: pass --data-dir DIR (or data_dir=DIR), or set "
-            f"{DATA_DIR_ENV}=DIR, where DIR holds {files} (or a '{name}/' folder with them). "
-            f"In a checkout of this project the test data lives in ../shared/data.")
+    config = datasets.get(name)
+    files = ", ".join(f for group in config.files.values() for f in group)
+    folders = " or ".join(f"'{sub}/'" for sub in config.folders if sub)
+    return (f"Point at the {config.title} files instead: pass --data-dir DIR (or data_dir=DIR), or set "
+            f"{DATA_DIR_ENV}=DIR, where DIR holds {files}" + (f" (or a {folders} folder with them)" if folders else "")
+            + ". In a checkout of this project the test data lives in ../shared/data.")
 
 
 def load_tfds(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
     """Loads a dataset through ``tfds.data_source`` (array_record files, read as NumPy).
 
     Args:
-      name: ``"mnist"`` or ``"cifar10"``.
+      name: a registered dataset whose config names its ``tfds_name``.
       data_dir: TFDS data directory (TFDS's default when None).
     """
+    config = datasets.get(name)
+    if config.tfds_name is None:
+        raise DataError(f"{name} has no TensorFlow Datasets name in its config. {_local_files_hint(name)}")
     try:
         import tensorflow_datasets as tfds
     except ImportError as err:  # pragma: no cover - a dependency of the package
         raise DataError(f"tensorflow-datasets is not installed. {_local_files_hint(name)}") from err
     try:
-        sources = tfds.data_source(name, split=["train", "test"], data_dir=data_dir)
+        sources = tfds.data_source(config.tfds_name, split=["train", "test"], data_dir=data_dir)
     except Exception as err:  # network, missing TensorFlow for preparation, missing files: all end the same way
         raise DataError(f"TFDS could not provide '{name}' ({type(err).__name__}: {err}). {_local_files_hint(name)}") from err
 
@@ -296,10 +342,10 @@ def load_tfds(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
         return images, labels
 
     (train_u8, train_y), (test_u8, test_y) = to_arrays(sources[0]), to_arrays(sources[1])
-    expected = IMAGE_SHAPES[name]
+    expected = config.image_shape
     if train_u8.shape[1:] != expected:
         raise DataError(f"TFDS '{name}' images have shape {train_u8.shape[1:]}, expected {expected}")
-    return _split(name, _to_float(train_u8), train_y, _to_float(test_u8), test_y, "tfds", {})
+    return _split(config, _to_float(train_u8), train_y, _to_float(test_u8), test_y, "tfds", {})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,7 +373,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, source: s
     """Loads ``name`` with the MagNet split.
 
     Args:
-      name: ``"mnist"`` or ``"cifar10"``.
+      name: a registered dataset (:func:`magnet_mi_jax.datasets.names`: ``"mnist"``, ``"cifar10"``, ...).
       data_dir: folder with the official files; defaults to ``$MAGNET_MI_DATA_DIR``.
       source: ``"files"`` (the folder), ``"download"`` (the official files, fetched once into
         ``$MAGNET_MI_CACHE``, default ``~/.cache/magnet_mi_jax``, and verified by md5:
@@ -341,8 +387,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, source: s
     Raises:
       DataError: unknown name or source, missing or corrupt files, or no source available.
     """
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    try:
+        config = datasets.get(name)
+    except datasets.UnknownDatasetError as err:
+        raise DataError(str(err)) from None
     if source not in SOURCES:
         raise DataError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
     folder = resolve_data_dir(data_dir) if source in ("auto", "files") else None
@@ -353,8 +401,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, source: s
     if folder is None:                                   # "download", or "auto" without a configured folder
         from magnet_mi_jax import download
         folder = download.fetch_official(name)
-    loader: Callable[[Path], Dataset] = load_mnist_files if name == "mnist" else load_cifar10_files
-    return loader(folder)
+    return load_files(config, folder)
 
 
 def select_attack_indices(test_labels: np.ndarray, test_predictions: np.ndarray, n: int = 1000,

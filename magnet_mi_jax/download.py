@@ -22,20 +22,11 @@ from typing import Mapping
 
 from tqdm.auto import tqdm
 
-from magnet_mi_jax.data import CIFAR10_TEST_FILE, CIFAR10_TRAIN_FILES, OFFICIAL_MD5, DataError, md5sum
+from magnet_mi_jax import datasets
+from magnet_mi_jax.data import DataError, md5sum
 
 CACHE_ENV = "MAGNET_MI_CACHE"
 DEFAULT_CACHE = Path("~/.cache/magnet_mi_jax")
-
-#: Where the official files are published. MNIST: the copy Google's CVDF mirrors for TensorFlow (LeCun's
-#: site is often unreachable); CIFAR-10: Alex Krizhevsky's page, the binary version.
-SOURCES = {
-    "mnist": {"url": "https://storage.googleapis.com/cvdf-datasets/mnist/"},
-    "cifar10": {"url": "https://www.cs.toronto.edu/~kriz/",
-                "archive": ("cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530"),
-                "member_dir": "cifar-10-batches-bin"},
-}
-
 
 def cache_dir(root: str | os.PathLike | None = None) -> Path:
     """``root``, else ``$MAGNET_MI_CACHE``, else ``~/.cache/magnet_mi_jax``."""
@@ -49,9 +40,10 @@ def fetch_official(name: str, root: str | os.PathLike | None = None, *, base_url
     """Downloads (if needed) and verifies ``name``'s official files; returns the folder holding them.
 
     Args:
-      name: ``"mnist"`` or ``"cifar10"``.
+      name: a registered dataset whose config names a ``download`` (MNIST: Google's CVDF mirror; CIFAR-10:
+        Alex Krizhevsky's page, the binary archive).
       root: the cache folder (default :func:`cache_dir`); the files go to ``root/name``.
-      base_url: where the files are served (default: the official site, :data:`SOURCES`).
+      base_url: where the files are served (default: the config's ``download["url"]``).
       md5: file name -> expected md5 (default: the official checksums); for tests against other files.
       archive_md5: the CIFAR-10 archive's expected md5 (default: the official one).
       progress: show a progress bar per download.
@@ -60,11 +52,16 @@ def fetch_official(name: str, root: str | os.PathLike | None = None, *, base_url
       DataError: unknown dataset, unreachable URL, interrupted transfer, or a checksum mismatch (the message
         names the file, the URL and both checksums; nothing incomplete is left under the final name).
     """
-    if name not in SOURCES:
-        raise DataError(f"no official download for {name!r}; known: {', '.join(SOURCES)}")
-    source = SOURCES[name]
+    try:
+        config = datasets.get(name)
+    except datasets.UnknownDatasetError as err:
+        raise DataError(str(err)) from None
+    if config.download is None:
+        with_download = [n for n in datasets.names() if datasets.get(n).download is not None]
+        raise DataError(f"no official download for {name!r}; known: {', '.join(with_download)}")
+    source = config.download
     base = base_url if base_url is not None else source["url"]
-    expected = dict(OFFICIAL_MD5[name] if md5 is None else md5)
+    expected = dict(config.official_md5 if md5 is None else md5)
     folder = cache_dir(root) / name
     folder.mkdir(parents=True, exist_ok=True)
     missing = [f for f, want in expected.items() if not _verified(folder / f, want)]
@@ -133,4 +130,4 @@ def _accept(part: Path, dest: Path, want: str, origin: str) -> None:
     os.replace(part, dest)
 
 
-__all__ = ["CACHE_ENV", "SOURCES", "cache_dir", "fetch_official"]
+__all__ = ["CACHE_ENV", "cache_dir", "fetch_official"]

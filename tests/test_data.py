@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pathlib import Path
 
-from magnet_mi_jax import data
+from magnet_mi_jax import data, datasets
 
 MNIST_MD5 = {
     "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
@@ -196,7 +196,7 @@ def test_select_attack_indices_is_seeded_and_correct_only():
 def test_model_cards_are_checked_against_the_loaded_files(mnist):
     import dataclasses
     import warnings
-    official = {"data_md5": dict(data.OFFICIAL_MD5["mnist"])}
+    official = {"data_md5": dict(datasets.get("mnist").official_md5)}
     data.check_model_data(mnist, official, "mnist/classifier")                  # the official files: fine
     data.check_model_data(mnist, {}, "mnist/classifier")                        # an old card: nothing to compare
     swapped = dataclasses.replace(mnist, md5={**mnist.md5, "train-images-idx3-ubyte.gz": "0" * 32})
@@ -208,7 +208,7 @@ def test_model_cards_are_checked_against_the_loaded_files(mnist):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         data.check_model_data(dataclasses.replace(mnist, md5={}), official, "mnist/classifier")   # TFDS: no md5s
-    assert mnist.md5 == data.OFFICIAL_MD5["mnist"]
+    assert mnist.md5 == datasets.get("mnist").official_md5
 
 
 # ------------------------------------------------------------------------------------- downloads (loopback HTTP)
@@ -247,7 +247,7 @@ def test_mnist_download_from_a_loopback_server_is_verified_and_loads(http_server
     from magnet_mi_jax import download
     served, url, truncate = http_server
     mnist_dir = data._find_dir(Path(data_dir), "mnist")
-    for fname in data.MNIST_FILES.values():
+    for fname in (f for (f,) in datasets.get("mnist").files.values()):
         shutil.copy(mnist_dir / fname, served / fname)
     cache = tmp_path / "cache"
     # An interrupted transfer: an error naming the URL, and nothing left that looks complete.
@@ -266,7 +266,7 @@ def test_mnist_download_from_a_loopback_server_is_verified_and_loads(http_server
     assert not (cache / "mnist" / "t10k-labels-idx1-ubyte.gz").exists()
     (served / "t10k-labels-idx1-ubyte.gz").write_bytes(good)
     folder = download.fetch_official("mnist", cache, base_url=url, progress=False)
-    assert {f: data.md5sum(folder / f) for f in data.MNIST_FILES.values()} == data.OFFICIAL_MD5["mnist"]
+    assert {f: data.md5sum(folder / f) for f in (f for (f,) in datasets.get("mnist").files.values())} == datasets.get("mnist").official_md5
     # What is verified is not fetched again (the server is gone from the files' point of view).
     for f in served.iterdir():
         f.unlink()
@@ -285,7 +285,7 @@ def test_cifar_archive_download_extracts_and_verifies_its_members(http_server, t
     served, url, _ = http_server
     rng = np.random.default_rng(0)
     members = {f: rng.integers(0, 10, size=3 * data.CIFAR10_RECORD_BYTES, dtype=np.uint8).tobytes()
-               for f in (*data.CIFAR10_TRAIN_FILES, data.CIFAR10_TEST_FILE)}
+               for f in (f for files in datasets.get("cifar10").files.values() for f in files)}
     archive = served / "cifar-10-binary.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         for fname, blob in members.items():

@@ -29,7 +29,7 @@ N_ATT = 40          # "attacked" images per cell
 N_ONES = 30         # successful all-ones examples in cw_l2/0 (the other 10 failed and must be ignored)
 FPR = 0.05          # n = floor(40 * 0.05) = 2 natural scores above the threshold
 TEMPS = (1.0, 10.0, 40.0)
-CONFIG = dataclasses.replace(tables.FULL["mnist"], n_images=N_ATT, kappas=(0.0, 10.0), attacks=("cw_l2", "ead_l1"),
+CONFIG = dataclasses.replace(tables.protocol("mnist"), n_images=N_ATT, kappas=(0.0, 10.0), attacks=("cw_l2", "ead_l1"),
                              iterations=5, search_steps=1, shard_size=N_ATT, quick=True)
 
 

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from scipy.spatial.distance import jensenshannon
 
+from magnet_mi_jax import datasets
 from magnet_mi_jax.detectors import defense, magnet, mi, thresholds
 
 SETTINGS = settings(max_examples=80, deadline=None, derandomize=True)
@@ -259,7 +260,7 @@ def test_presets_follow_the_design():
         ("ReconstructionDetector", "ae", 0.005), ("JSDDetector", "ae", 0.01), ("JSDDetector", "ae", 0.01)]
     assert c.detectors[0].p == 1 and [d.temperature for d in c.detectors[1:]] == [10, 40]
     assert c.reformer == "ae" and c.network_keys == ("classifier", "ae")
-    assert magnet.MAGNET_PRESETS == {"mnist": m, "cifar10": c}
+    assert (datasets.get("mnist").magnet, datasets.get("cifar10").magnet) == (m, c)     # the datasets' presets
     mm = defense.mi_magnet(m)
     assert (mm.mi.fpr, mm.mi.calibration_size, mm.mi.reading, mm.mi.temperature) == (0.005, 1000, "literal", 1.0)
     assert mm.detector_names == ("I", "II", "MI") and mm.mi_reformer == "ae_i"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from magnet_mi_jax import checkpoint, data
+from magnet_mi_jax import checkpoint
 from magnet_mi_jax.detectors import metrics, thresholds
 from magnet_mi_jax.models import MnistClassifier, mnist_ae_i, mnist_ae_ii
 

@@ -59,7 +59,7 @@ def study(tiny_setup, tmp_path_factory):
     gan = alpha_gan.mnist_alpha_gan()
     checkpoint.save_params(other / "mnist" / "generator", alpha_gan.init_params(gan, jax.random.key(9)),
                            {"command": "untrained, another key"})
-    config = dataclasses.replace(tables.QUICK["mnist"], attacks=("ead_en",), n_images=8, kappas=(0.0, 1.0),
+    config = dataclasses.replace(tables.protocol("mnist", quick=True), attacks=("ead_en",), n_images=8, kappas=(0.0, 1.0),
                                  iterations=30, search_steps=1, shard_size=4, initial_const=10.0)
     table = tables.run(config, tmp / "run", checkpoints=str(ckpt), dataset=small, command="test", eval_batch=200)
     samples, result = mi_generators.run("mnist", {"a": str(ckpt), "b": str(other)}, [tmp / "run"],

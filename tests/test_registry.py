@@ -23,7 +23,7 @@ def linear_logits(params, x):
 @pytest.mark.parametrize("name", sorted(registry.REGISTRY))
 def test_every_registered_run_follows_the_interface(name):
     run = registry.get(name)
-    config = dataclasses.replace(tables.QUICK["mnist"], iterations=5, cw_iterations=5, search_steps=2)
+    config = dataclasses.replace(tables.protocol("mnist", quick=True), iterations=5, cw_iterations=5, search_steps=2)
     settings = run.settings(config)
     json.dumps(settings)                                         # a shard key must serialise
     key = run.key_settings(config, 5.0)
@@ -84,7 +84,7 @@ def brighten():
 
 def test_a_new_attack_runs_through_the_tables_with_one_registration(brighten, tiny_setup, tmp_path):
     ckpt, small = tiny_setup
-    config = dataclasses.replace(tables.QUICK["mnist"], attacks=("brighten", "ead_en"), n_images=4, kappas=(0.0, 2.0),
+    config = dataclasses.replace(tables.protocol("mnist", quick=True), attacks=("brighten", "ead_en"), n_images=4, kappas=(0.0, 2.0),
                                  iterations=4, search_steps=1, shard_size=4)
     result = tables.run(config, tmp_path / "out", checkpoints=str(ckpt), dataset=small, command="test",
                         eval_batch=200)

@@ -6,14 +6,13 @@ import dataclasses
 import json
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
 from eval import tables
 from magnet_mi_jax import checkpoint
 
-TINY = dataclasses.replace(tables.FULL["mnist"], n_images=6, kappas=(0.0, 5.0), iterations=8, search_steps=2,
+TINY = dataclasses.replace(tables.protocol("mnist"), n_images=6, kappas=(0.0, 5.0), iterations=8, search_steps=2,
                            shard_size=3, quick=True)
 
 
@@ -169,9 +168,9 @@ def test_shard_names_are_pinned_so_committed_shards_stay_valid():
     idx = np.arange(1000)
     name = lambda config, family, kappa, i: tables.shard_path(  # noqa: E731
         Path("c"), config, tables.Shard(family, kappa, i, 100 * i, 100 * i + 100), ctx, idx).name
-    assert name(tables.FULL["mnist"], "ead", 10.0, 3) == "ead_kappa10_s003_2abad7f68b3c.npz"
-    assert name(tables.FULL["mnist"], "cw", 10.0, 3) == "cw_kappa10_s003_c415696feb79.npz"
-    assert name(tables.QUICK["mnist"], "cw", 0.0, 0) == "cw_kappa0_s000_08645f497f59.npz"
+    assert name(tables.protocol("mnist"), "ead", 10.0, 3) == "ead_kappa10_s003_2abad7f68b3c.npz"
+    assert name(tables.protocol("mnist"), "cw", 10.0, 3) == "cw_kappa10_s003_c415696feb79.npz"
+    assert name(tables.protocol("mnist", quick=True), "cw", 0.0, 0) == "cw_kappa0_s000_08645f497f59.npz"
 
 
 def test_run_job_matches_separate_attack_calls(mnist, tiny_mnist_classifier):
@@ -285,7 +284,7 @@ from magnet_mi_jax import data
 ds = data.load_dataset("mnist", data_dir=sys.argv[3])
 small = dataclasses.replace(ds, val_x=ds.val_x[:400], val_y=ds.val_y[:400], test_x=ds.test_x[:400],
                             test_y=ds.test_y[:400])
-config = dataclasses.replace(tables.FULL["mnist"], n_images=6, kappas=(0.0,), iterations=8, search_steps=2,
+config = dataclasses.replace(tables.protocol("mnist"), n_images=6, kappas=(0.0,), iterations=8, search_steps=2,
                              shard_size=3, attacks=("cw_l2", "ead_en"), quick=True)
 tables.run(config, sys.argv[1], checkpoints=sys.argv[2], dataset=small, command="test", eval_batch=200)
 """
@@ -356,7 +355,7 @@ worker = tables.distributed_worker(coordinator, 2, int(pid))
 ds = data.load_dataset("mnist", data_dir=data_dir)
 small = dataclasses.replace(ds, val_x=ds.val_x[:400], val_y=ds.val_y[:400], test_x=ds.test_x[:400],
                             test_y=ds.test_y[:400])
-config = dataclasses.replace(tables.FULL["mnist"], n_images=6, kappas=(0.0,), iterations=8, search_steps=2,
+config = dataclasses.replace(tables.protocol("mnist"), n_images=6, kappas=(0.0,), iterations=8, search_steps=2,
                              shard_size=3, attacks=("cw_l2",), quick=True)
 result = tables.run(config, out, checkpoints=ckpt, dataset=small, command="test", eval_batch=200, worker=worker,
                     wait_seconds=600.0 if worker[0] == 0 else 0.0)

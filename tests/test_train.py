@@ -137,7 +137,7 @@ def test_autoencoder_entry_point_lowers_reconstruction_error(tmp_path, data_dir)
 
 
 def test_autoencoder_default_is_magnets_recipe_with_noise_drawn_once():
-    config = autoencoder.CONFIGS["mnist"]
+    config = autoencoder.config_for("mnist")
     assert (config.learning_rate, config.cosine_decay, config.noise, config.epochs, config.batch_size,
             config.noise_sigma, config.activity_l2) == (1e-3, False, "fixed", 100, 256, 0.1, 1e-9)
     x = np.random.default_rng(0).random((64, 28, 28, 1), np.float32)

@@ -13,14 +13,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from magnet_mi_jax import checkpoint, data
+from magnet_mi_jax import checkpoint, data, datasets
 from magnet_mi_jax.utils import device_description, git_commit
 from train import trainer
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--dataset", choices=data.DATASETS, required=True)
+    parser.add_argument("--dataset", choices=datasets.names(), required=True)
     parser.add_argument("--data-dir", default=None,
                         help=f"folder with the official dataset files (default: ${data.DATA_DIR_ENV}, else TFDS)")
     parser.add_argument("--source", default="auto", choices=data.SOURCES,

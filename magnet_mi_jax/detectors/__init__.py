@@ -11,7 +11,7 @@ detector, thresholds at a false-positive rate, defense metrics, and MI-strengthe
 from magnet_mi_jax.detectors.defense import (Decision, DefenseOutputs, MIDetector, MIMagNet, calibrate, decide,
                                              defense_forward, make_defense_fn, make_mi_strengthened_magnet,
                                              mi_magnet, mi_strengthened_magnet)
-from magnet_mi_jax.detectors.magnet import (CIFAR10_MAGNET, MAGNET_PRESETS, MNIST_MAGNET, JSDDetector, MagNet,
+from magnet_mi_jax.detectors.magnet import (CIFAR10_MAGNET, MNIST_MAGNET, JSDDetector, MagNet,
                                             MagNetOutputs, ReconstructionDetector, jensen_shannon,
                                             jensen_shannon_logits, jsd_score,
                                             magnet_forward, make_magnet_fn, map_batches, reconstruction_error,
@@ -25,7 +25,7 @@ from magnet_mi_jax.detectors.mi import (MIOutputs, MIParams, MIQuantities, condi
 from magnet_mi_jax.detectors.thresholds import flags, num_rejected, passes, threshold_at_fpr
 
 __all__ = [
-    "CIFAR10_MAGNET", "MAGNET_PRESETS", "MNIST_MAGNET", "Decision", "DefenseAccuracy", "DefenseOutputs",
+    "CIFAR10_MAGNET", "MNIST_MAGNET", "Decision", "DefenseAccuracy", "DefenseOutputs",
     "DetectionRate", "JSDDetector", "MIDetector", "MIMagNet", "MIOutputs", "MIParams", "MIQuantities", "MagNet",
     "MagNetOutputs", "ReconstructionDetector", "attack_accuracy", "calibrate", "clean_accuracy",
     "conditional_entropy", "conditional_logits", "conditional_table", "decide", "defense_forward", "detection_rates", "entropy",

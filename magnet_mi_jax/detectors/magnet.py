@@ -44,7 +44,7 @@ from magnet_mi_jax.utils import map_batches  # re-exported: the detectors' batch
 __all__ = [
     "softmax_t", "reconstruction_error", "jensen_shannon", "jensen_shannon_logits", "reform", "reconstruction_score", "jsd_score",
     "ReconstructionDetector", "JSDDetector", "MagNet", "MagNetOutputs", "magnet_forward", "make_magnet_fn",
-    "map_batches", "MNIST_MAGNET", "CIFAR10_MAGNET", "MAGNET_PRESETS",
+    "map_batches", "MNIST_MAGNET", "CIFAR10_MAGNET",
 ]
 
 Apply = Callable[..., jnp.ndarray]
@@ -389,8 +389,6 @@ CIFAR10_MAGNET = MagNet(
     reformer="ae")
 """MagNet on CIFAR-10: reconstruction error of the AE with p = 1 at r = 0.005, JSD at T = 10 and T = 40 at
 r = 0.01 each (5,000 validation images); reformer the same AE."""
-
-MAGNET_PRESETS = {"mnist": MNIST_MAGNET, "cifar10": CIFAR10_MAGNET}
 
 
 class MagNetOutputs(NamedTuple):
