@@ -414,3 +414,23 @@ def test_other_float_dtypes_run_in_float32(name, dtype):
     assert got.adv.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(got.success), np.asarray(want.success))
     np.testing.assert_allclose(np.asarray(got.adv), np.asarray(want.adv), atol=1e-5)
+
+
+def test_cw_adam_is_optax_adam_up_to_rounding():
+    """C&W's optimizer is an optax transformation: the same updates as ``optax.adam`` within float tolerance
+    (its own operation order keeps the cached shards bit-identical), bias-corrected from the first step."""
+    import optax
+    from magnet_mi_jax.attacks import _cw
+    grads = jax.random.normal(jax.random.key(0), (50, 64)) * jnp.logspace(-4, 1, 64)
+    ours, reference = _cw.adam(0.01), optax.adam(0.01, b1=0.9, b2=0.999, eps=1e-8)
+    w_ours = w_ref = jnp.zeros((50, 64))
+    s_ours, s_ref = ours.init(w_ours), reference.init(w_ref)
+    for k in range(100):
+        g_ours, g_ref = grads * jnp.cos(w_ours + k), grads * jnp.cos(w_ref + k)
+        u_ours, s_ours = ours.update(g_ours, s_ours)
+        u_ref, s_ref = reference.update(g_ref, s_ref)
+        if k == 0:      # bias correction: the first step is -lr * g / (|g| + eps), about -lr * sign(g)
+            np.testing.assert_allclose(u_ours, -0.01 * grads / (jnp.abs(grads) + 1e-8), rtol=2e-5)
+        w_ours, w_ref = optax.apply_updates(w_ours, u_ours), optax.apply_updates(w_ref, u_ref)
+    np.testing.assert_allclose(w_ours, w_ref, atol=1e-5)
+    assert int(s_ours.count) == int(s_ref[0].count) == 100

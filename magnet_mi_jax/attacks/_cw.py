@@ -4,7 +4,8 @@ The box [0, 1] is handled by the change of variables
 
     x(w) = (tanh(w + atanh((2 x0 - 1) * 0.999999)) + 1) / 2,      w_0 = 0,
 
-and Adam (lr 1e-2, beta1 0.9, beta2 0.999, eps 1e-8, bias-corrected) minimises per example
+and Adam (lr 1e-2, beta1 0.9, beta2 0.999, eps 1e-8, bias-corrected; :func:`adam`, an optax transformation)
+minimises per example
 
     c * f(x(w)) + ||x(w) - x0||_2^2
 
@@ -28,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax import lax
 
 from magnet_mi_jax.attacks import common
@@ -36,6 +38,29 @@ from magnet_mi_jax.attacks._ead import keep_best
 
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
 TANH_SCALE = 0.999999
+
+
+def adam(learning_rate) -> optax.GradientTransformation:
+    """C&W's Adam as an optax transformation: bias-corrected moments, ``u = -(lr * m_hat) / (sqrt(v_hat) + eps)``.
+
+    ``optax.adam(learning_rate, 0.9, 0.999, 1e-8)`` computes the same update as ``-lr * (m_hat / (...))``, which
+    rounds differently in the last bit; this one keeps the operation order the attack has always used, so the
+    cached attack shards stay bit-identical. ``tests/test_attacks.py`` checks it against ``optax.adam`` within
+    float tolerance. The state is optax's ``ScaleByAdamState``.
+    """
+    def init_fn(w):
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=jnp.zeros_like(w), nu=jnp.zeros_like(w))
+
+    def update_fn(g, state, params=None):
+        del params
+        t = (state.count + 1).astype(jnp.float32)
+        mu = ADAM_B1 * state.mu + (1 - ADAM_B1) * g
+        nu = ADAM_B2 * state.nu + (1 - ADAM_B2) * g * g
+        m_hat = mu / (1 - ADAM_B1 ** t)
+        v_hat = nu / (1 - ADAM_B2 ** t)
+        return -(learning_rate * m_hat / (jnp.sqrt(v_hat) + ADAM_EPS)), optax.ScaleByAdamState(state.count + 1, mu, nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def to_box(w: jax.Array, w0: jax.Array) -> jax.Array:
@@ -65,12 +90,13 @@ def _cw_core(params, x0, labels, kappa, const, learning_rate, *, objective, iter
         return jnp.sum(loss), (x, judged.success, l2sq, loss)
 
     grad_fn = jax.grad(total_loss, has_aux=True)
+    optimizer = adam(learning_rate)
 
     def search_step(_, outer):
         c, lower, upper, best_l2, best_adv, best_const, found, _ = outer
 
         def iteration(k, inner):
-            w, m, v, step_ok, best_l2, best_adv, best_const, active, prev = inner
+            w, opt_state, step_ok, best_l2, best_adv, best_const, active, prev = inner
             g, (x, ok, l2sq, loss) = grad_fn(w, c)
             still = active
             if abort_early:   # the reference checks before it records: the iterate that stops is not kept
@@ -78,23 +104,21 @@ def _cw_core(params, x0, labels, kappa, const, learning_rate, *, objective, iter
             ok = ok & still
             step_ok = step_ok | ok
             best_l2, best_adv, best_const = keep_best(best_l2, best_adv, best_const, x, l2sq, ok, c)
-            t = (k + 1).astype(jnp.float32)
-            m_new = ADAM_B1 * m + (1 - ADAM_B1) * g
-            v_new = ADAM_B2 * v + (1 - ADAM_B2) * g * g
-            m_hat = m_new / (1 - ADAM_B1 ** t)
-            v_hat = v_new / (1 - ADAM_B2 ** t)
-            w_new = w - learning_rate * m_hat / (jnp.sqrt(v_hat) + ADAM_EPS)
-            if abort_early:
+            updates, new_state = optimizer.update(g, opt_state)
+            w_new = optax.apply_updates(w, updates)
+            if abort_early:      # stopped examples keep their iterate and moments (the step count is shared)
                 act = common.per_example(active, w)
-                w_new, m_new, v_new = (jnp.where(act, a, b) for a, b in ((w_new, w), (m_new, m), (v_new, v)))
+                w_new = jnp.where(act, w_new, w)
+                new_state = new_state._replace(mu=jnp.where(act, new_state.mu, opt_state.mu),
+                                               nu=jnp.where(act, new_state.nu, opt_state.nu))
             active = still
-            return w_new, m_new, v_new, step_ok, best_l2, best_adv, best_const, active, prev
+            return w_new, new_state, step_ok, best_l2, best_adv, best_const, active, prev
 
-        zeros = jnp.zeros_like(x0)
-        init = (zeros, zeros, zeros, jnp.zeros(labels.shape, bool), best_l2, best_adv, best_const,
+        w0 = jnp.zeros_like(x0)
+        init = (w0, optimizer.init(w0), jnp.zeros(labels.shape, bool), best_l2, best_adv, best_const,
                 jnp.ones(labels.shape, bool), big)
-        inner = common.iterate(iteration, init, iterations, abort_early, active_slot=7)
-        step_ok, best_l2, best_adv, best_const = inner[3:7]
+        inner = common.iterate(iteration, init, iterations, abort_early, active_slot=6)
+        step_ok, best_l2, best_adv, best_const = inner[2:6]
         found = found | step_ok
         new_c, lower, upper = common.update_const(c, lower, upper, step_ok)
         return new_c, lower, upper, best_l2, best_adv, best_const, found, c
