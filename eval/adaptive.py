@@ -39,12 +39,11 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from magnet_mi_jax import data, datasets
+from magnet_mi_jax import cli, data, datasets
 from magnet_mi_jax.attacks import ATTACK_VERSION, adaptive, cw_l2, ead
 from magnet_mi_jax.detectors import (attack_accuracy, calibrate, decide, make_defense_fn,
                                      map_batches, roc_auc, tpr_at_fpr)
-from magnet_mi_jax.utils import device_description, git_commit
-from eval import tables
+from eval import protocol
 
 ATTACKS = ("ead_en", "ead_l1", "cw")
 ATTACK_TITLES = {"ead_en": "EAD (EN rule)", "ead_l1": "EAD (L1 rule)", "cw": "C&W-L2"}
@@ -157,7 +156,7 @@ def judge(outputs, thresholds, specs, labels: np.ndarray, cell: Mapping[str, np.
     success = cell["success"][kappa_row].astype(bool)
     reformed_correct = np.asarray(outputs.reformed_logits).argmax(-1) == labels
     original_correct = np.asarray(outputs.logits).argmax(-1) == labels
-    row: dict[str, Any] = {"attack_success_rate": tables._pct(success.mean()), "n_success": int(success.sum()),
+    row: dict[str, Any] = {"attack_success_rate": protocol.percent(success.mean()), "n_success": int(success.sum()),
                            "n_images": int(len(labels))}
     for d in ("l1", "l2", "linf"):
         row[f"mean_{d}"] = float(cell[d][kappa_row][success].mean()) if success.any() else None
@@ -165,13 +164,13 @@ def judge(outputs, thresholds, specs, labels: np.ndarray, cell: Mapping[str, np.
         decision = decide(spec, outputs, thresholds)
         flagged = np.asarray(decision.flagged)
         acc = attack_accuracy(flagged, reformed_correct, original_correct)
-        row[defense] = {"accuracy": tables._pct(acc.both), "detected": tables._pct(flagged.mean()),
-                        "reformer_only": tables._pct(acc.reformer_only)}
+        row[defense] = {"accuracy": protocol.percent(acc.both), "detected": protocol.percent(flagged.mean()),
+                        "reformer_only": protocol.percent(acc.reformer_only)}
     row["detectors"] = {}
     for name, nat in natural.items():
         adv = np.asarray(outputs.scores[name])[success]
         row["detectors"][name] = {
-            "flag_rate": tables._pct(np.mean(np.asarray(outputs.scores[name]) >= thresholds[name])),
+            "flag_rate": protocol.percent(np.mean(np.asarray(outputs.scores[name]) >= thresholds[name])),
             "auc": round(roc_auc(nat, adv), 4) if success.any() else None,
             f"tpr_at_{ROC_FPR:g}_fpr": round(tpr_at_fpr(nat, adv, ROC_FPR).tpr, 4) if success.any() else None}
     return row
@@ -190,11 +189,11 @@ def run(config: AdaptiveConfig, out: Path, *, data_dir: str | None = None, sourc
     if (out / "table.json").exists() and not overwrite:
         old = json.loads((out / "table.json").read_text()).get("config")
         if old != json.loads(json.dumps(dataclasses.asdict(config))):
-            raise tables.OverwriteError(f"{out} holds an adaptive table of another configuration; choose another "
+            raise cli.OverwriteError(f"{out} holds an adaptive table of another configuration; choose another "
                                         "--out or pass --overwrite")
     ds = dataset if dataset is not None else data.load_dataset(config.dataset, data_dir=data_dir, source=source)
-    applies, params, cards = tables.load_networks(config.dataset, checkpoints)
-    tables.check_cards_against_data(cards, ds)
+    applies, params, cards = protocol.load_networks(config.dataset, checkpoints)
+    protocol.check_cards_against_data(cards, ds)
     magnet = datasets.get(config.dataset).magnet
     specs = {"magnet": magnet, "mi_magnet": datasets.get(config.dataset).mi_magnet()}
     forward = make_defense_fn(specs["mi_magnet"], applies)
@@ -204,8 +203,8 @@ def run(config: AdaptiveConfig, out: Path, *, data_dir: str | None = None, sourc
     pred = map_batches(lambda v: classify(params["classifier"], v), ds.test_x, eval_batch).argmax(-1)
     indices = data.select_attack_indices(ds.test_y, pred, config.n_images, config.seed)
     x, y = ds.test_x[indices], ds.test_y[indices]
-    context = tables.cache_context(config.dataset, ds, indices, params["classifier"])
-    context = dict(context, defense=tables.params_hash(params))
+    context = protocol.cache_context(config.dataset, ds, indices, params["classifier"])
+    context = dict(context, defense=protocol.params_hash(params))
 
     print(f"calibrating on {len(ds.val_x)} validation images")
     val = map_batches(run_defense, ds.val_x, eval_batch).scores
@@ -248,11 +247,11 @@ def run(config: AdaptiveConfig, out: Path, *, data_dir: str | None = None, sourc
                                                    for n in natural} if ok.any() else {}
 
     result = {
-        "dataset": config.dataset, "config": dataclasses.asdict(config), "command": command,
-        "git_commit": git_commit(), "device": device_description(), "wall_seconds": round(time.time() - start, 1),
+        "dataset": config.dataset, "config": dataclasses.asdict(config), **cli.provenance(command),
+        "wall_seconds": round(time.time() - start, 1),
         "attack_seconds": timings, "thresholds": thresholds, "attacker_thresholds": strict,
         "indices_hash": context["indices"], "n_natural": int(len(test_x)), "data_md5": ds.md5,
-        "models": {k: tables.card_summary(c) for k, c in cards.items()}, "cells": rows,
+        "models": {k: protocol.card_summary(c) for k, c in cards.items()}, "cells": rows,
     }
     (out / "table.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     (out / "table.md").write_text(render_markdown(result))
@@ -358,11 +357,8 @@ def build_config(args: argparse.Namespace) -> AdaptiveConfig:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m eval.adaptive", description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", choices=datasets.names(), required=True)
+    cli.add_data_flags(parser)
     parser.add_argument("--out", default=None, help="output folder (default results/<dataset>-adaptive/)")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--source", default="auto", choices=data.SOURCES)
-    parser.add_argument("--checkpoints", default=None, help="trained weights (default: the repository's checkpoints/)")
     parser.add_argument("--n-images", dest="n_images", type=int, default=None)
     parser.add_argument("--kappas", default=None, help="comma-separated, e.g. 0,10,20")
     parser.add_argument("--attacks", default=None, help=f"comma-separated subset of {','.join(ATTACKS)}")
@@ -380,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     config = build_config(args)
     out = Path(args.out or f"results/{args.dataset}-adaptive")
-    command = " ".join(["python -m eval.adaptive"] + (argv if argv is not None else __import__("sys").argv[1:]))
+    command = cli.command_line("eval.adaptive", argv)
     result = run(config, out, data_dir=args.data_dir, source=args.source, checkpoints=args.checkpoints,
                  command=command, overwrite=args.overwrite)
     print((out / "table.md").read_text())
@@ -388,5 +384,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from train.common import cli
-    cli(main)
+    cli.run_main(main)

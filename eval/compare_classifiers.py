@@ -30,8 +30,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from magnet_mi_jax import checkpoint, data, datasets
-from magnet_mi_jax.utils import device_description, git_commit, map_batches
+from magnet_mi_jax import checkpoint, cli, data
+from magnet_mi_jax.utils import map_batches
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -133,11 +133,10 @@ def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=datasets.names(), required=True)
+    cli.add_data_flags(parser, checkpoints=False)
     parser.add_argument("--models", nargs="+", required=True, help="NAME=CHECKPOINT_ROOT, one per model")
     parser.add_argument("--tables", nargs="*", default=None, help="NAME=RESULTS_DIR of an eval.tables run")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--data-dir", default=None)
     args = parser.parse_args(argv)
     models, tables = _pairs(args.models, "--models"), _pairs(args.tables, "--tables")
     unknown = set(tables) - set(models)
@@ -145,15 +144,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--tables names {sorted(unknown)} that are not among --models")
     kappas = tuple(float(k) for k in range(0, 41, 10)) if args.dataset == "mnist" else (0.0, 20.0, 40.0, 80.0)
     try:
-        ds = data.load_dataset(args.dataset, data_dir=args.data_dir)
+        ds = cli.load_data(args)
         measured = {name: measure_model(args.dataset, root, ds, kappas) for name, root in models.items()}
     except (checkpoint.CheckpointError, data.DataError) as err:
         parser.exit(2, f"error: {err}\n")
     result = {"dataset": args.dataset, "kappas": kappas, "models": {n: m for n, (m, _) in measured.items()},
               "tables": {n: table_cells(d) for n, d in tables.items()},
-              "command": " ".join(["python", "-m", "eval.compare_classifiers",
-                                   *(sys.argv[1:] if argv is None else argv)]),
-              "git_commit": git_commit(), "device": device_description(), "data_md5": ds.md5}
+              **cli.provenance(cli.command_line("eval.compare_classifiers", argv), ds)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -52,14 +52,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval import tables
-from magnet_mi_jax import checkpoint, data, datasets
+from eval import protocol
+from magnet_mi_jax import checkpoint, cli, data, datasets
 from magnet_mi_jax.attacks import registry
 from magnet_mi_jax.detectors import (MagNet, ReconstructionDetector, magnet_forward, map_batches,
                                      roc_auc, tpr_at_fpr)
 from magnet_mi_jax.detectors import _checks
 from magnet_mi_jax.detectors.mi import READINGS, MIQuantities, _mi_quantities, conditional_logits
-from magnet_mi_jax.utils import device_description, git_commit
 
 __all__ = ["DEFAULT_TEMPERATURES", "DEFAULT_FPR", "DEFAULT_N_NATURAL", "AnalysisError", "conditional_logits",
            "DetectorScores", "detector_scores", "make_score_fn", "score_names", "flatten_scores",
@@ -323,7 +322,6 @@ def read_table(results: Path) -> dict[str, Any]:
 def run_checkpoints(table: Mapping[str, Any]) -> str | None:
     """The ``--checkpoints`` of the recorded ``eval.tables`` command, or None (the default folder)."""
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--checkpoints", default=None)
     try:
         args, _ = parser.parse_known_args(shlex.split(table.get("command") or ""))
     except (ValueError, SystemExit):
@@ -331,18 +329,18 @@ def run_checkpoints(table: Mapping[str, Any]) -> str | None:
     return args.checkpoints
 
 
-def _tables_config(table: Mapping[str, Any]) -> tables.TablesConfig:
+def _tables_config(table: Mapping[str, Any]) -> protocol.TablesConfig:
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in table["config"].items()}
-    fields = {f.name for f in dataclasses.fields(tables.TablesConfig)}
-    return tables.TablesConfig(**{k: v for k, v in cfg.items() if k in fields})
+    fields = {f.name for f in dataclasses.fields(protocol.TablesConfig)}
+    return protocol.TablesConfig(**{k: v for k, v in cfg.items() if k in fields})
 
 
-def _shard_from_name(name: str, config: tables.TablesConfig) -> tables.Shard:
-    """The :class:`~eval.tables.Shard` a file name ``<family>_kappa<k>_s<index>_<hash>.npz`` stands for."""
+def _shard_from_name(name: str, config: protocol.TablesConfig) -> protocol.Shard:
+    """The :class:`~eval.protocol.Shard` a file name ``<family>_kappa<k>_s<index>_<hash>.npz`` stands for."""
     family, kappa, index, _ = name[:-len(".npz")].split("_")
     i = int(index[1:])
     start = i * config.shard_size
-    return tables.Shard(family, float(kappa[len("kappa"):]), i, start, min(start + config.shard_size, config.n_images))
+    return protocol.Shard(family, float(kappa[len("kappa"):]), i, start, min(start + config.shard_size, config.n_images))
 
 
 def load_cells(results: Path, table: Mapping[str, Any], ds: data.Dataset, classifier_params: Any,
@@ -355,10 +353,10 @@ def load_cells(results: Path, table: Mapping[str, Any], ds: data.Dataset, classi
     """
     config = _tables_config(table)
     indices = np.asarray(table["indices"], np.int64)
-    context = tables.cache_context(config.dataset, ds, indices, classifier_params)
+    context = protocol.cache_context(config.dataset, ds, indices, classifier_params)
     cache_dir = results / table.get("cache", "cache")          # the run's shard folder, relative to its results
-    by_name = {tables.shard_path(cache_dir, config, shard, context, indices).name: shard
-               for shard in tables.plan_shards(config)}
+    by_name = {protocol.shard_path(cache_dir, config, shard, context, indices).name: shard
+               for shard in protocol.plan_shards(config)}
     cells = {}
     for key, row in table["cells"].items():
         attack, kappa = row["attack"], float(row["kappa"])
@@ -376,14 +374,14 @@ def load_cells(results: Path, table: Mapping[str, Any], ds: data.Dataset, classi
             path = cache_dir / name
             shard = by_name.get(name) or _shard_from_name(name, config)
             try:
-                loaded = tables.load_shard(path, shard, ds.image_shape)
+                loaded = protocol.load_shard(path, shard, ds.image_shape)
             except RuntimeError as err:
                 raise AnalysisError(f"cell {key}: {err}") from err
             if loaded is None:
                 raise AnalysisError(f"cell {key}: attack shard {path} is missing; rerun the same eval.tables "
                                     "command to recreate it")
             shards.append(loaded)
-        cells[(attack, kappa)] = tables.assemble_cell(shards, attack)
+        cells[(attack, kappa)] = protocol.assemble_cell(shards, attack)
     if not cells:
         raise AnalysisError(f"{results / 'table.json'} lists no attack cells")
     return cells
@@ -426,16 +424,16 @@ def run(results: str | Path, *, dataset_name: str, checkpoints: str | None = Non
     if n_natural < 1 or n_natural > len(ds.val_x):
         raise AnalysisError(f"n_natural={n_natural}, but the validation split has {len(ds.val_x)} images")
     ckpt = checkpoints if checkpoints is not None else run_checkpoints(table)
-    applies, params, cards = tables.load_networks(dataset_name, ckpt, False, data_dir)
+    applies, params, cards = protocol.load_networks(dataset_name, ckpt)
     try:
-        tables.check_cards_against_data(cards, ds)
+        protocol.check_cards_against_data(cards, ds)
     except data.DataError as err:
         raise AnalysisError(str(err)) from err
     cells = load_cells(results, table, ds, params["classifier"], check_cache_key)
     warnings = []
     for name, card in cards.items():  # the cache key pins the classifier only; compare the other models' cards
         recorded = table.get("models", {}).get(name)
-        loaded = tables.card_summary(card)
+        loaded = protocol.card_summary(card)
         if recorded is not None and json.loads(json.dumps(loaded)) != recorded:
             warnings.append(f"model {name}: its card differs from the one the tables run recorded (retrained since?)")
     for w in warnings:
@@ -465,22 +463,17 @@ def run(results: str | Path, *, dataset_name: str, checkpoints: str | None = Non
         "scores": score_names(magnet, temps),
         "natural_summary": {n: {"mean": float(v.mean()), "median": float(np.median(v))} for n, v in natural.items()},
         **metrics,
-        "models": {k: tables.card_summary(c) for k, c in cards.items()},
+        "models": {k: protocol.card_summary(c) for k, c in cards.items()},
         "warnings": warnings,
-        "git_commit": git_commit(), "device": device_description(), "command": command,
-        "wall_seconds": round(time.time() - start, 1),
+        **cli.provenance(command), "wall_seconds": round(time.time() - start, 1),
     }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=datasets.names(), required=True)
+    cli.add_data_flags(parser, checkpoints_help="trained weights (default: the run's --checkpoints)")
     parser.add_argument("--results", required=True, help="folder of an eval.tables run (table.json and cache/)")
     parser.add_argument("--checkpoints", default=None, help="trained weights (default: the run's --checkpoints)")
-    parser.add_argument("--data-dir", default=None, help=f"official dataset files (default ${data.DATA_DIR_ENV})")
-    parser.add_argument("--source", default="auto", choices=data.SOURCES,
-                        help="auto: --data-dir if given, else the official files downloaded once into "
-                             "$MAGNET_MI_CACHE (default ~/.cache/magnet_mi_jax) and checked by md5")
     parser.add_argument("--n-natural", dest="n_natural", type=int, default=DEFAULT_N_NATURAL)
     parser.add_argument("--temperatures", default=",".join(f"{t:g}" for t in DEFAULT_TEMPERATURES),
                         help="comma-separated MI temperatures")
@@ -495,7 +488,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         temperatures = tuple(float(t) for t in args.temperatures.split(","))
     except ValueError:
         parser.error(f"--temperatures must be comma-separated numbers, got {args.temperatures!r}")
-    command = " ".join(["python", "-m", "eval.detector_auc", *(sys.argv[1:] if argv is None else argv)])
+    command = cli.command_line("eval.detector_auc", argv)
     try:
         result = run(args.results, dataset_name=args.dataset, checkpoints=args.checkpoints, data_dir=args.data_dir,
                      source=args.source, n_natural=args.n_natural, temperatures=temperatures, fpr=args.fpr,

@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from magnet_mi_jax import checkpoint, data, datasets
+from magnet_mi_jax import checkpoint, cli, data, datasets
 from magnet_mi_jax.models import alpha_gan
 from train.generator import load_classifier, measure
 
@@ -60,13 +60,8 @@ def save_figure(grid: np.ndarray, path: Path, column_labels: list[str], title: s
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=datasets.names(), required=True)
+    cli.add_data_flags(parser, checkpoints_help="checkpoint root (default: the repository's)")
     parser.add_argument("--out", required=True, help="PNG path")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--source", default="auto", choices=data.SOURCES,
-                        help="auto: --data-dir if given, else the official files downloaded once into "
-                             "$MAGNET_MI_CACHE (default ~/.cache/magnet_mi_jax) and checked by md5")
-    parser.add_argument("--checkpoints", default=None, help="checkpoint root (default: the repository's)")
     parser.add_argument("--classifier-checkpoints", dest="classifier_checkpoints", default=None,
                         help="root of the classifier that scores the generations (default: --checkpoints)")
     parser.add_argument("--rows", type=int, default=10)

@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from magnet_mi_jax import checkpoint, data, datasets
-from eval.tables import check_cards_against_data, load_networks, paper_clean
+from magnet_mi_jax import checkpoint, cli, data, datasets
+from eval.protocol import check_cards_against_data, load_networks
+from eval.report import paper_clean
 from magnet_mi_jax.detectors import (MagNet, calibrate, clean_accuracy, decide, flags,
                                      make_defense_fn, map_batches, num_rejected)
-from magnet_mi_jax.utils import device_description, git_commit
 
 def evaluate_clean(spec: MagNet, applies: Mapping[str, Any], params: Mapping[str, Any], ds: data.Dataset,
                    batch_size: int = 500, val_limit: Optional[int] = None,
@@ -110,13 +109,7 @@ def format_report(dataset: str, result: Mapping[str, Any]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", choices=datasets.names(), required=True)
-    parser.add_argument("--data-dir", default=None,
-                        help=f"folder with the official dataset files (default: ${data.DATA_DIR_ENV}, else TFDS)")
-    parser.add_argument("--source", default="auto", choices=data.SOURCES,
-                        help="auto: --data-dir if given, else the official files downloaded once into "
-                             "$MAGNET_MI_CACHE (default ~/.cache/magnet_mi_jax) and checked by md5")
-    parser.add_argument("--checkpoints", default=None, help="trained weights (default: the repository's checkpoints/)")
+    cli.add_data_flags(parser)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--val-limit", type=int, default=None, help="smoke tests: calibrate on N validation images")
     parser.add_argument("--test-limit", type=int, default=None, help="smoke tests: evaluate on N test images")
@@ -135,9 +128,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         parser.exit(2, f"error: {err}\n")
     start = time.time()
     result = evaluate_clean(spec, applies, params, ds, args.batch_size, args.val_limit, args.test_limit)
-    result.update(dataset=args.dataset, seconds=round(time.time() - start, 1), git_commit=git_commit(),
-                  device=device_description(), data_md5=ds.md5, data_source=ds.source,
-                  command=" ".join(["python", "-m", "eval.magnet_clean", *(sys.argv[1:] if argv is None else argv)]),
+    result.update(dataset=args.dataset, seconds=round(time.time() - start, 1),
+                  **cli.provenance(cli.command_line("eval.magnet_clean", argv), ds),
                   models={k: {kk: c.get(kk) for kk in ("command", "git_commit", "metrics") if kk in c}
                           for k, c in cards.items()})
     print(format_report(args.dataset, result))

@@ -35,13 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval import detector_auc, tables
-from magnet_mi_jax import checkpoint, data, datasets
+from eval import detector_auc, protocol
+from magnet_mi_jax import checkpoint, cli, data, datasets
 from magnet_mi_jax.attacks import registry
 from magnet_mi_jax.detectors import calibrate, make_defense_fn, map_batches
 from magnet_mi_jax.detectors.mi import conditional_logits
 from magnet_mi_jax.models import alpha_gan
-from magnet_mi_jax.utils import device_description, git_commit
 
 __all__ = ["QUANTILES", "KEY_SCORES", "parse_generators", "load_cells", "off_diagonal", "study_generator", "run",
            "render_markdown", "plot", "main"]
@@ -143,12 +142,12 @@ def study_generator(dataset_name: str, applies: Mapping[str, Any], params: Mappi
     accuracy = {}
     for (attack, kappa), cell in cells.items():
         outputs = map_batches(lambda v: forward(params, v), cell["adv"], batch_size)
-        row = tables.evaluate_cell(outputs, thresholds, magnet, spec, cell["labels"], cell, val.scores)
+        row = protocol.evaluate_cell(outputs, thresholds, magnet, spec, cell["labels"], cell, val.scores)
         accuracy[f"{attack}/{kappa:g}"] = {"attack": attack, "kappa": kappa,
                                           "magnet": row["magnet"]["accuracy"],
                                           "mi_magnet": row["mi_magnet"]["accuracy"],
                                           "mi_flag_rate": row["detector_flag_rate"].get("MI")}
-    clean = tables.clean_row(magnet, spec, map_batches(lambda v: forward(params, v), ds.test_x, batch_size),
+    clean = protocol.clean_row(magnet, spec, map_batches(lambda v: forward(params, v), ds.test_x, batch_size),
                              ds.test_y, thresholds)
     test_logits = map_batches(cond, ds.test_x[:1000], batch_size)
     measured = {"conditional_accuracy": float(alpha_gan.conditional_accuracy(jnp.asarray(test_logits))),
@@ -178,27 +177,26 @@ def run(dataset_name: str, generators: Mapping[str, str], results: Sequence[str 
         raise detector_auc.AnalysisError(f"n_natural={n_natural}, but the validation split has {len(ds.val_x)} images")
     first = detector_auc.read_table(Path(results[0]))
     base = checkpoints if checkpoints is not None else detector_auc.run_checkpoints(first)
-    applies, params, cards = tables.load_networks(dataset_name, base,
+    applies, params, cards = protocol.load_networks(dataset_name, base,
                                                   names=datasets.get(dataset_name).magnet.network_keys)
-    tables.check_cards_against_data(cards, ds)
+    protocol.check_cards_against_data(cards, ds)
     cells, commands = load_cells(results, ds, params["classifier"])
     temps = tuple(float(t) for t in temperatures)
     out, samples = {}, {}
     for name, root in generators.items():
-        g_applies, g_params, g_cards = tables.load_networks(dataset_name, root, names=("generator",))
-        tables.check_cards_against_data(g_cards, ds)
+        g_applies, g_params, g_cards = protocol.load_networks(dataset_name, root, names=("generator",))
+        protocol.check_cards_against_data(g_cards, ds)
         card = g_cards["generator"]
         print(f"generator {name} ({root}): scoring {n_natural} natural images and {len(cells)} cells",
               file=sys.stderr)
         measured, samples[name] = study_generator(dataset_name, {**applies, **g_applies}, {**params, **g_params}, ds, cells,
                                    n_natural=n_natural, temperatures=temps, fpr=fpr, batch_size=batch_size)
         out[name] = {"checkpoints": root, "variant": card.get("config", {}).get("variant", "class_aware"),
-                     "card": tables.card_summary(card), **measured}
+                     "card": protocol.card_summary(card), **measured}
     return samples, {"dataset": dataset_name, "results": [str(r) for r in results], "results_commands": commands,
             "n_natural": int(n_natural), "fpr": float(fpr), "temperatures": list(temps), "quantiles": list(QUANTILES),
-            "classifier_and_autoencoders": base, "models": {k: tables.card_summary(c) for k, c in cards.items()},
-            "generators": out, "git_commit": git_commit(), "device": device_description(), "command": command,
-            "wall_seconds": round(time.time() - start, 1)}
+            "classifier_and_autoencoders": base, "models": {k: protocol.card_summary(c) for k, c in cards.items()},
+            "generators": out, **cli.provenance(command), "wall_seconds": round(time.time() - start, 1)}
 
 
 def _auc(m: Mapping[str, Any]) -> str:
@@ -293,14 +291,10 @@ def plot(samples: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], path: Pa
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=datasets.names(), required=True)
+    cli.add_data_flags(parser, checkpoints_help="classifier and auto-encoders (default: the first run's --checkpoints)")
     parser.add_argument("--generators", nargs="+", required=True, help="name=checkpoint_root items")
     parser.add_argument("--results", nargs="+", required=True, help="finished eval.tables runs (one classifier)")
     parser.add_argument("--out", required=True, help="output path without extension (.md, .json, .png)")
-    parser.add_argument("--checkpoints", default=None,
-                        help="classifier and auto-encoders (default: the first run's --checkpoints)")
-    parser.add_argument("--data-dir", default=None, help=f"official dataset files (default ${data.DATA_DIR_ENV})")
-    parser.add_argument("--source", default="auto", choices=data.SOURCES)
     parser.add_argument("--n-natural", dest="n_natural", type=int, default=detector_auc.DEFAULT_N_NATURAL)
     parser.add_argument("--fpr", type=float, default=detector_auc.DEFAULT_FPR)
     parser.add_argument("--batch-size", dest="batch_size", type=int, default=250)
@@ -313,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     existing = [str(p) for p in (Path(args.out).with_suffix(e) for e in (".md", ".json", ".png")) if p.exists()]
     if existing and not args.overwrite:
         parser.error(f"{', '.join(existing)} exist; pass --overwrite to replace them, or choose another --out")
-    command = " ".join(["python", "-m", "eval.mi_generators", *(sys.argv[1:] if argv is None else argv)])
+    command = cli.command_line("eval.mi_generators", argv)
     try:
         samples, result = run(args.dataset, generators, args.results, checkpoints=args.checkpoints,
                               data_dir=args.data_dir, source=args.source,

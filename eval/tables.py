@@ -17,12 +17,9 @@ Outputs in ``--out`` (default ``results/<dataset>/``, or ``results/<dataset>-qui
 ``table.json`` (per-cell metrics, clean accuracy, config, seed, selected-index hash, data md5s, git commit,
 device, wall time) and ``accuracy_vs_kappa.png``.
 
-Adversarial examples are computed and cached as **shards**: one attack run (C&W-L2, or EAD, whose one run
-gives both decision rules) x one kappa x one slice of ``shard_size`` attacked images, written atomically as
-compressed ``.npz`` files (read with ``allow_pickle=False``) in ``<out>/cache/``, named by a hash of
-everything that determines them (every attack setting, the attack-code version, the data files, the shard's
-image indices, the classifier's weights) and by nothing else, so a fresh clone finds committed shards. A run
-resumes at the first missing shard, prints shards done / total with an ETA from the measured shard times,
+Adversarial examples are computed and cached as **shards** (:mod:`eval.protocol`): one attack run x one kappa
+x one slice of ``shard_size`` attacked images, in ``<out>/cache/`` (or ``--cache``), named by a hash of
+everything that determines them, so a fresh clone finds committed shards. A run resumes at the first missing shard, prints shards done / total with an ETA from the measured shard times,
 and writes the table once every shard exists (``--partial``: a clearly labelled table from the shards
 present). ``--worker I/N`` crafts only every N-th shard (from the I-th), so N processes can share one
 campaign; any of them assembles the table once the shards are all there.
@@ -39,210 +36,30 @@ GPU (there, ``--shard-size 1000 --kappas-per-call 0`` runs it in two calls).
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import hashlib
-import io
+import functools
 import json
 import os
-import sys
 import time
-import zipfile
-import zlib
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from magnet_mi_jax import checkpoint, data, datasets
-from magnet_mi_jax.attacks import registry
-from magnet_mi_jax.detectors import (attack_accuracy, calibrate, clean_accuracy, decide,
-                                     make_defense_fn, map_batches, roc_auc)
-from magnet_mi_jax.attacks import EAD_MOMENTA
-from magnet_mi_jax.models import alpha_gan
-from magnet_mi_jax.utils import device_description, git_commit
+from magnet_mi_jax import checkpoint, cli, data, datasets
+from magnet_mi_jax.attacks import EAD_MOMENTA, registry
+from magnet_mi_jax.detectors import calibrate, make_defense_fn, map_batches
+from magnet_mi_jax.utils import device_description
 
-PAPER_DIR = Path(__file__).resolve().parent / "paper"
-ATTACKS = ("cw_l2", "ead_l1", "ead_en")   # the paper's attacks; any cell of magnet_mi_jax.attacks.registry runs
-DEFENSES = ("magnet", "mi_magnet")
-DEFENSE_TITLES = {"magnet": "MagNet", "mi_magnet": "MI-MagNet"}
-CACHE_FORMAT = 2     # 2: shards (attack run x kappa x image slice), compressed
+from eval.protocol import (DEFENSES, AttackJob, Shard, TablesConfig, assemble_cell, cache_context, card_summary,
+                           check_cards_against_data, clean_row, evaluate_cell, load_networks, load_shard,
+                           parse_worker, plan_jobs, plan_shards, protocol, run_job, save_shard, shard_path)
+from eval.report import paper_clean, paper_tables, plot, render_csv, render_markdown
 
-
-@dataclasses.dataclass(frozen=True)
-class TablesConfig:
-    """Everything that determines a table. Defaults: the paper's protocol (docs/design.md, sections 3-6)."""
-
-    dataset: str
-    kappas: tuple[float, ...]
-    n_images: int = 1000
-    attacks: tuple[str, ...] = ATTACKS
-    iterations: int = 1000
-    search_steps: int = 9
-    initial_const: float = 1e-3
-    beta: float = 1e-2
-    learning_rate: float = 1e-2
-    seed: int = 0
-    shard_size: int = 100
-    kappas_per_call: int = 1
-    cw_iterations: int | None = None
-    cw_abort_early: bool = True          # the C&W reference code's default
-    ead_momentum: str = "reference"      # (k+1)/(k+4), as the EAD reference code computes it
-    mi_reading: str = "literal"
-    mi_temperature: float = 1.0
-    quick: bool = False
-
-    def __post_init__(self):
-        if self.ead_momentum not in EAD_MOMENTA:
-            raise ValueError(f"ead_momentum must be one of {EAD_MOMENTA}, got {self.ead_momentum!r}")
-        for name in ("n_images", "iterations", "search_steps", "shard_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.cw_iterations is not None and self.cw_iterations < 1:
-            raise ValueError(f"cw_iterations must be >= 1 (or None), got {self.cw_iterations}")
-        if self.kappas_per_call < 0:
-            raise ValueError(f"kappas_per_call must be >= 0 (0: the whole grid), got {self.kappas_per_call}")
-        if not self.kappas or not all(np.isfinite(k) and k >= 0 for k in self.kappas):
-            raise ValueError(f"kappas must be a non-empty grid of finite values >= 0, got {self.kappas}")
-        if len(set(self.kappas)) != len(self.kappas):
-            raise ValueError(f"kappas must not repeat a value, got {self.kappas}")
-        test_size = datasets.get(self.dataset).test_size       # an unregistered dataset is an error here
-        if test_size is not None and self.n_images > test_size:
-            raise ValueError(f"n_images must be at most the {test_size} test images, got {self.n_images}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if not (np.isfinite(self.mi_temperature) and self.mi_temperature > 0):
-            raise ValueError(f"mi_temperature must be a finite value > 0, got {self.mi_temperature}")
-        unknown = set(self.attacks) - set(registry.cell_names())
-        if unknown or not self.attacks:
-            raise ValueError(f"attacks must be a non-empty subset of {registry.cell_names()}, got {self.attacks}")
-
-    def family_settings(self, family: str, kappa: float) -> dict[str, Any]:
-        """The settings one attack run's adversarial examples depend on (hashed into its shards' keys): the
-        registered run's :meth:`~magnet_mi_jax.attacks.registry.AttackRun.key_settings`.
-
-        ``shard_size`` and ``kappas_per_call`` are not among them: they only change how the work is split into
-        calls (every quantity of the attacks is per example; a shard's key holds its own image indices)."""
-        return registry.get(family).key_settings(self, kappa)
-
-    def families(self) -> tuple[str, ...]:
-        """The attack runs this config needs, in table order."""
-        return tuple(dict.fromkeys(registry.run_of(a).name for a in self.attacks))
-
-    def deviations(self) -> dict[str, tuple[Any, Any]]:
-        """Every attack-protocol setting that differs from the paper's (:func:`protocol`): name -> (ours, paper's)."""
-        full = protocol(self.dataset)
-        names = ("n_images", "kappas", "iterations", "cw_iterations", "search_steps", "initial_const", "beta",
-                 "learning_rate", "cw_abort_early", "ead_momentum")
-        return {n: (getattr(self, n), getattr(full, n)) for n in names if getattr(self, n) != getattr(full, n)}
-
-
-def protocol(dataset: str, quick: bool = False) -> TablesConfig:
-    """The dataset's table protocol from its config (:mod:`magnet_mi_jax.datasets`): ``protocols["full"]`` on the
-    defaults above (the paper's), and with ``quick`` the reduced CPU preset ``protocols["quick"]`` on top.
-
-    Raises:
-      ValueError: the dataset is not registered, or ``quick`` and its config names no quick protocol.
-    """
-    config = datasets.get(dataset)
-    full = TablesConfig(dataset=dataset, **config.protocols.get("full", {}))
-    if not quick:
-        return full
-    if "quick" not in config.protocols:
-        raise ValueError(f"{dataset}'s config names no quick protocol")
-    return dataclasses.replace(full, **config.protocols["quick"], quick=True)
-
-
-# --------------------------------------------------------------------------------------------------
-# Paper numbers.
-# --------------------------------------------------------------------------------------------------
-
-
-def paper_tables(dataset: str) -> dict[tuple[str, str, float], float]:
-    """(defense, attack, kappa) -> the paper's accuracy in %, from ``eval/paper/tables.csv`` (empty for a
-    dataset the paper did not evaluate)."""
-    out = {}
-    with open(PAPER_DIR / "tables.csv") as f:
-        for row in csv.DictReader(f):
-            if row["dataset"] != dataset:
-                continue
-            for defense in DEFENSES:
-                for attack in ATTACKS:
-                    out[(defense, attack, float(row["kappa"]))] = float(row[f"{defense}_{attack}"])
-    return out
-
-
-def paper_clean(dataset: str) -> dict[str, float] | None:
-    """The paper's clean accuracies (no defense, MagNet, MI-MagNet) in %, or None for a dataset it did not
-    evaluate."""
-    with open(PAPER_DIR / "clean_accuracy.csv") as f:
-        for row in csv.DictReader(f):
-            if row["dataset"] == dataset:
-                return {k: float(row[k]) for k in ("no_defense", "magnet", "mi_magnet")}
-    return None
-
-
-# --------------------------------------------------------------------------------------------------
-# Networks.
-# --------------------------------------------------------------------------------------------------
-
-
-def params_hash(tree: Any) -> str:
-    """The first 16 hex digits of :func:`~magnet_mi_jax.checkpoint.params_digest` (shard keys use it)."""
-    return checkpoint.params_digest(tree)[:16]
-
-
-def cache_context(dataset: str, ds: data.Dataset, indices: np.ndarray, classifier_params: Any) -> dict[str, str]:
-    """What, besides the attack settings, determines a cell's adversarial examples (hashed into its cache key):
-    the dataset, the attacked indices, the classifier's weights and the data files (``ds``'s md5s, else its
-    source)."""
-    return {"dataset": dataset, "indices": data.indices_hash(indices), "classifier": params_hash(classifier_params),
-            "data": hashlib.sha256(json.dumps(ds.md5, sort_keys=True).encode()).hexdigest()[:16]
-            if ds.md5 else ds.source}
-
-
-CARD_FIELDS = ("command", "git_commit", "metrics", "seed")
-
-
-def card_summary(card: Mapping[str, Any]) -> dict[str, Any]:
-    """The fields of a model card a result records (``CARD_FIELDS``; None where absent)."""
-    return {k: card.get(k) for k in CARD_FIELDS}
-
-
-def load_networks(dataset: str, checkpoints: str | None, train_missing: bool = False, data_dir: str | None = None,
-                  names: tuple[str, ...] | None = None):
-    """``(applies, params, cards)`` for the networks ``names`` (default: the classifier, the MagNet
-    auto-encoders and the alpha-GAN, whose ``"generator"`` checkpoint gives ``"encoder"`` and ``"generator"``)."""
-    config = datasets.get(dataset)
-    names = list(config.magnet.network_keys) + [config.generator] if names is None else list(names)
-    applies, params, cards = {}, {}, {}
-    for name in names:
-        try:
-            module, p, card = checkpoint.load_model(dataset, name, checkpoints)
-        except checkpoint.CheckpointError as err:
-            if not train_missing or "no trained" not in str(err):
-                raise
-            _train(dataset, name, checkpoints, data_dir)
-            module, p, card = checkpoint.load_model(dataset, name, checkpoints)
-        cards[name] = card
-        if config.networks[name].kind == "generator":
-            applies["encoder"], params["encoder"] = alpha_gan.encoder_fn(module), p
-            applies["generator"], params["generator"] = alpha_gan.generator_fn(module), p
-        else:
-            applies[name], params[name] = module.apply, p
-    return applies, params, cards
-
-
-def check_cards_against_data(cards: Mapping[str, Mapping[str, Any]], ds: data.Dataset) -> None:
-    """:func:`magnet_mi_jax.data.check_model_data` for every loaded model's card."""
-    for name, card in cards.items():
-        data.check_model_data(ds, dict(card), f"{ds.name}/{name}")
-
-
-def _train(dataset: str, name: str, checkpoints: str | None, data_dir: str | None) -> None:
+def train_missing_network(dataset: str, name: str, *, checkpoints: str | None, data_dir: str | None) -> None:
+    """Trains a network that has no weights with its training entry point (``--train-missing``)."""
     common = ["--dataset", dataset] + (["--checkpoints", checkpoints] if checkpoints else []) + (
         ["--data-dir", data_dir] if data_dir else [])
     config = datasets.get(dataset)
@@ -260,319 +77,6 @@ def _train(dataset: str, name: str, checkpoints: str | None, data_dir: str | Non
 
 
 # --------------------------------------------------------------------------------------------------
-# Attacks with an on-disk cache.
-# --------------------------------------------------------------------------------------------------
-
-ATTACK_FIELDS = ("adv", "success", "l0", "l1", "l2", "linf", "const")
-
-
-@dataclasses.dataclass(frozen=True)
-class Shard:
-    """One unit of work and of caching: attack run ``family`` at ``kappa`` on attacked images [start, stop)."""
-
-    family: str
-    kappa: float
-    index: int
-    start: int
-    stop: int
-
-
-def plan_shards(config: TablesConfig) -> list[Shard]:
-    """Every shard of the protocol, in the order they are crafted (attack run, kappa, image slice)."""
-    slices = [(i, s, min(s + config.shard_size, config.n_images))
-              for i, s in enumerate(range(0, config.n_images, config.shard_size))]
-    return [Shard(family, float(kappa), i, start, stop)
-            for family in config.families() for kappa in config.kappas for i, start, stop in slices]
-
-
-def shard_path(cache_dir: Path, config: TablesConfig, shard: Shard, context: Mapping[str, str],
-               indices: np.ndarray) -> Path:
-    """``<cache>/<family>_kappa<k>_s<index>_<hash>.npz``; the hash covers the run's settings, ``context``
-    (dataset, classifier weights, data files) and the shard's own image indices, nothing else."""
-    key = json.dumps({"format": CACHE_FORMAT, **config.family_settings(shard.family, shard.kappa), **context,
-                      "indices": data.indices_hash(indices[shard.start:shard.stop])}, sort_keys=True)
-    return cache_dir / (f"{shard.family}_kappa{shard.kappa:g}_s{shard.index:03d}_"
-                        f"{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz")
-
-
-def save_shard(path: Path, cells: Mapping[str, Mapping[str, np.ndarray]]) -> None:
-    """Writes ``{attack: {field: array}}`` compressed and atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(tmp, **{f"{a}.{k}": np.asarray(cell[k]) for a, cell in cells.items() for k in ATTACK_FIELDS})
-    os.replace(tmp, path)
-
-
-def load_shard(path: Path, shard: Shard, image_shape: tuple[int, ...]) -> dict[str, dict[str, np.ndarray]] | None:
-    """A shard's ``{attack: {field: array}}``, or None if absent. A corrupt or mismatched file is an error
-    naming the file."""
-    if not path.is_file():
-        return None
-    n = shard.stop - shard.start
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            cells = {a: {k: f[f"{a}.{k}"] for k in ATTACK_FIELDS} for a in registry.get(shard.family).cells}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        raise RuntimeError(f"corrupt attack shard {path}: {type(err).__name__}: {err}; "
-                           "delete it to recompute it") from err
-    for attack, cell in cells.items():
-        if cell["adv"].shape != (n, *image_shape) or cell["success"].shape != (n,):
-            raise RuntimeError(f"attack shard {path} holds {attack} of shape {cell['adv'].shape}, expected "
-                               f"{(n, *image_shape)}; delete it to recompute it")
-    return cells
-
-
-def assemble_cell(shards: list[Mapping[str, Mapping[str, np.ndarray]]], attack: str) -> dict[str, np.ndarray]:
-    """One attack's cell from its shards, in image order."""
-    return {k: np.concatenate([s[attack][k] for s in shards]) for k in ATTACK_FIELDS}
-
-
-@dataclasses.dataclass(frozen=True)
-class AttackJob:
-    """One attack call: run ``family`` on the images of shard slice ``index`` for every kappa of ``kappas`` (the
-    grid is folded into the batch). One call of the EAD run gives both decision rules."""
-
-    family: str
-    kappas: tuple[float, ...]
-    index: int
-    start: int
-    stop: int
-
-
-def plan_jobs(config: TablesConfig, missing: list[Shard]) -> list[AttackJob]:
-    """Groups missing shards of one run and image slice into calls of ``config.kappas_per_call`` kappas
-    (0: all of them), in crafting order."""
-    groups: dict[tuple[str, int], list[Shard]] = {}
-    for shard in missing:
-        groups.setdefault((shard.family, shard.index), []).append(shard)
-    jobs = []
-    for (family, index), shards in groups.items():
-        step = config.kappas_per_call or len(shards)
-        for i in range(0, len(shards), step):
-            chunk = shards[i:i + step]
-            jobs.append(AttackJob(family, tuple(s.kappa for s in chunk), index, chunk[0].start, chunk[0].stop))
-    order = {(s.family, s.kappa, s.index): n for n, s in enumerate(missing)}
-    return sorted(jobs, key=lambda j: order[(j.family, j.kappas[0], j.index)])
-
-
-def run_job(job: AttackJob, logits_fn: Callable, params: Any, x: np.ndarray, y: np.ndarray,
-            config: TablesConfig) -> dict[float, dict[str, dict[str, np.ndarray]]]:
-    """Crafts ``job``: untargeted attacks on the attacked images ``x[job.start:job.stop]``.
-
-    Returns ``{kappa: {attack: {field: (n, ...)}}}``. The slice runs as one batch of ``config.shard_size``
-    (a short last slice is padded by :func:`~magnet_mi_jax.utils.map_batches`, so every call reuses one
-    compilation; the padding is dropped).
-    """
-    kappa = jnp.asarray(job.kappas, jnp.float32)[:, None]                 # (G, 1)
-    run = registry.get(job.family)
-
-    def craft(xb, yb):
-        return run.craft(logits_fn, params, xb, yb, kappa, config)
-
-    def craft_rows(idx):              # (b,) image indices -> {attack: {field: (b, G, ...)}}
-        out = craft(jnp.asarray(x[idx]), jnp.asarray(y[idx], jnp.int32))
-        return {a: {k: jnp.swapaxes(getattr(res, k), 0, 1) for k in ATTACK_FIELDS} for a, res in out.items()}
-
-    rows = map_batches(craft_rows, np.arange(job.start, job.stop), config.shard_size)
-    return {kappa: {a: {k: rows[a][k][:, g] for k in ATTACK_FIELDS} for a in run.cells}
-            for g, kappa in enumerate(job.kappas)}
-
-
-def parse_worker(text: str) -> tuple[int, int]:
-    """``"I/N"`` -> (I, N) with 0 <= I < N."""
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise ValueError(f"--worker takes I/N (e.g. 0/2), got {text!r}") from None
-    if not 0 <= i < n:
-        raise ValueError(f"--worker I/N needs 0 <= I < N, got {text!r}")
-    return i, n
-
-
-# --------------------------------------------------------------------------------------------------
-# Evaluation.
-# --------------------------------------------------------------------------------------------------
-
-
-def _pct(v: float) -> float:
-    return round(100.0 * float(v), 2)
-
-
-def defense_flags(magnet, spec, outputs, thresholds: Mapping[str, float]
-                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per-detector flags and each defense's verdict (``{"magnet", "mi_magnet"}``), as NumPy, from
-    :func:`~magnet_mi_jax.detectors.decide` (flag iff score >= threshold; a defense flags if any detector does)."""
-    mi = decide(spec, outputs, thresholds)
-    flagged = {"magnet": np.asarray(decide(magnet, outputs, thresholds).flagged), "mi_magnet": np.asarray(mi.flagged)}
-    return {n: np.asarray(f) for n, f in mi.flags.items()}, flagged
-
-
-def clean_row(magnet, spec, outputs, labels: np.ndarray, thresholds: Mapping[str, float]) -> dict[str, Any]:
-    """Clean accuracy (%) with no defense and with each defense, and each detector's false-positive rate (%),
-    from the defense pass on natural images (``outputs``) and their ``labels``; the no-defense column counts
-    the defense pass's own logits."""
-    plain_correct = outputs.logits.argmax(-1) == labels
-    flags, flagged = defense_flags(magnet, spec, outputs, thresholds)
-    reformed_correct = outputs.reformed_logits.argmax(-1) == labels
-    return {"n_test": int(len(labels)), "no_defense": _pct(np.mean(plain_correct)),
-            **{d: _pct(clean_accuracy(flagged[d], reformed_correct, plain_correct).both) for d in DEFENSES},
-            "test_false_positive_rate": {n: _pct(f.mean()) for n, f in flags.items()}}
-
-
-def evaluate_cell(outputs, thresholds: Mapping[str, float], magnet, spec, labels: np.ndarray,
-                  cell: Mapping[str, np.ndarray], natural_scores: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Both defenses' accuracy on one cell's adversarial examples, plus attack statistics and detector AUCs.
-
-    ``magnet`` is the MagNet preset and ``spec`` its MI-strengthened version (:func:`mi_magnet`)."""
-    flags, flagged = defense_flags(magnet, spec, outputs, thresholds)
-    reformed_correct = outputs.reformed_logits.argmax(-1) == labels
-    original_correct = outputs.logits.argmax(-1) == labels
-    success = cell["success"].astype(bool)
-    row: dict[str, Any] = {
-        "attack_success_rate": _pct(success.mean()),
-        "mean_l1": float(cell["l1"][success].mean()) if success.any() else None,
-        "mean_l2": float(cell["l2"][success].mean()) if success.any() else None,
-        "mean_linf": float(cell["linf"][success].mean()) if success.any() else None,
-        "n_images": int(len(labels)), "n_success": int(success.sum()),
-    }
-    for defense in DEFENSES:
-        acc = attack_accuracy(flagged[defense], reformed_correct, original_correct)
-        on_success = attack_accuracy(flagged[defense], reformed_correct, original_correct, where=success)
-        row[defense] = {"accuracy": _pct(acc.both), "detector_only": _pct(acc.detector_only),
-                        "reformer_only": _pct(acc.reformer_only),
-                        "accuracy_successful_only": _pct(on_success.both) if on_success.count else None,
-                        "detected": _pct(flagged[defense].mean())}
-    row["detector_flag_rate"] = {n: _pct(flags[n].mean()) for n in flags}
-    if success.any():
-        row["detector_auc_successful"] = {n: round(roc_auc(natural_scores[n], outputs.scores[n][success]), 4)
-                                          for n in thresholds}
-    return row
-
-
-# --------------------------------------------------------------------------------------------------
-# Writers.
-# --------------------------------------------------------------------------------------------------
-
-
-def _fmt_cell(ours: float, paper: float | None) -> str:
-    if paper is None:
-        return f"{ours:.1f}"
-    return f"{ours:.1f} ({paper:.1f}, {ours - paper:+.1f})"
-
-
-def _iterations_text(cfg: Mapping[str, Any]) -> str:
-    if cfg.get("cw_iterations") is None or cfg["cw_iterations"] == cfg["iterations"]:
-        return f"{cfg['iterations']} iterations"
-    return f"{cfg['iterations']} iterations (C&W {cfg['cw_iterations']})"
-
-
-def render_markdown(result: Mapping[str, Any]) -> str:
-    """The paper's table layout, every cell "ours (paper, difference)" in % accuracy."""
-    cfg = result["config"]
-    lines = []
-    dataset = datasets.get(cfg["dataset"])
-    title = f"{dataset.paper_table} ({dataset.title})" if dataset.paper_table else dataset.title
-    if not result.get("complete", True):
-        lines += [f"> **PARTIAL**: {result['shards_done']} of {result['shards_total']} shards crafted; each cell "
-                  "is measured on the images whose shards exist (its `n_images` in table.json), and cells "
-                  "without any are `-`. Not the finished table.", ""]
-    if cfg["quick"]:
-        lines += ["> **QUICK PRESET**: a reduced protocol for a CPU smoke run "
-                  f"({cfg['n_images']} images, kappa {', '.join(f'{k:g}' for k in cfg['kappas'])}, "
-                  f"{_iterations_text(cfg)} x {cfg['search_steps']} search steps). "
-                  "Not comparable cell for cell with the paper's 1,000 images x 1,000 iterations x 9 steps.", ""]
-    elif result.get("deviations_from_paper"):
-        lines += ["> **NOT THE PAPER'S PROTOCOL**: " + "; ".join(
-            f"{k} = {v[0]} (paper: {v[1]})" for k, v in result["deviations_from_paper"].items()) + ".", ""]
-    lines += [f"# {title}: accuracy (%) on adversarial examples, MagNet vs MI-strengthened MagNet", "",
-              "Each cell: ours (paper, ours - paper). Untargeted, oblivious setting; "
-              f"{cfg['n_images']} correctly classified test images (seed {cfg['seed']}).", ""]
-    header = ["kappa"] + [f"{DEFENSE_TITLES[d]} {registry.title(a)}" for d in DEFENSES for a in cfg["attacks"]]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for kappa in cfg["kappas"]:
-        cells = []
-        for defense in DEFENSES:
-            for attack in cfg["attacks"]:
-                c = result["cells"].get(f"{attack}/{kappa:g}")
-                text = "-" if c is None else _fmt_cell(c[defense]["accuracy"], c["paper"].get(defense))
-                cells.append(text + (" †" if c is not None and c["n_success"] == 0 else ""))
-        lines.append(f"| {kappa:g} | " + " | ".join(cells) + " |")
-    clean = result["clean_accuracy"]
-    if any(c["n_success"] == 0 for c in result["cells"].values()):
-        lines += ["", "† The attack found no adversarial example in this cell: its accuracy is measured on the "
-                  "unperturbed images and says nothing about robustness."]
-    paper_clean_row = clean.get("paper") or {}
-    lines += ["", f"Clean test accuracy (%), all {clean.get('n_test', 10_000):,} test images:", "",
-              "| | no defense | MagNet | MI-MagNet |", "|---|---|---|---|",
-              "| ours (paper, diff) | " + " | ".join(_fmt_cell(clean[k], paper_clean_row.get(k))
-                                                    for k in ("no_defense", "magnet", "mi_magnet")) + " |", ""]
-    lines += ["Attack statistics (successful examples):", "",
-              "| attack | kappa | success % | mean L1 | mean L2 |", "|---|---|---|---|---|"]
-    for key, c in result["cells"].items():
-        attack, kappa = key.split("/")
-        l1 = "-" if c["mean_l1"] is None else f"{c['mean_l1']:.2f}"
-        l2 = "-" if c["mean_l2"] is None else f"{c['mean_l2']:.3f}"
-        lines.append(f"| {registry.title(attack)} | {kappa} | {c['attack_success_rate']:.1f} | {l1} | {l2} |")
-    lines += ["", f"MI detector: reading `{cfg['mi_reading']}`, T = {cfg['mi_temperature']:g}. "
-              f"Commit `{result['git_commit']}`, device {result['device']}, wall time {result['wall_seconds']:.0f} s.",
-              f"Command: `{result['command']}`", ""]
-    return "\n".join(lines)
-
-
-def render_csv(result: Mapping[str, Any]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["dataset", "quick", "protocol", "n_images", "attack", "kappa", "defense", "accuracy", "paper", "diff",
-                     "detector_only", "reformer_only", "accuracy_successful_only", "attack_success_rate",
-                     "mean_l1", "mean_l2"])
-    cfg = result["config"]
-    protocol = ("partial " if not result.get("complete", True) else "") + (
-        "quick" if cfg["quick"] else "reduced" if result.get("deviations_from_paper") else "paper")
-    for key, c in result["cells"].items():
-        attack, kappa = key.split("/")
-        for defense in DEFENSES:
-            d, paper = c[defense], c["paper"].get(defense)
-            writer.writerow([cfg["dataset"], cfg["quick"], protocol, c["n_images"], attack, kappa, defense,
-                             d["accuracy"], paper,
-                             None if paper is None else round(d["accuracy"] - paper, 2), d["detector_only"],
-                             d["reformer_only"], d["accuracy_successful_only"], c["attack_success_rate"],
-                             c["mean_l1"], c["mean_l2"]])
-    return buf.getvalue()
-
-
-def plot(result: Mapping[str, Any], path: Path) -> None:
-    """Accuracy vs kappa, one panel per attack: MagNet and MI-MagNet (ours solid, paper dashed)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cfg = result["config"]
-    paper = paper_tables(cfg["dataset"])
-    fig, axes = plt.subplots(1, len(cfg["attacks"]), figsize=(4.2 * len(cfg["attacks"]), 3.6), sharey=True)
-    axes = np.atleast_1d(axes)
-    colors = {"magnet": "tab:blue", "mi_magnet": "tab:red"}
-    for ax, attack in zip(axes, cfg["attacks"]):
-        for defense in DEFENSES:
-            ks = [k for k in cfg["kappas"] if f"{attack}/{k:g}" in result["cells"]]
-            ax.plot(ks, [result["cells"][f"{attack}/{k:g}"][defense]["accuracy"] for k in ks], "o-",
-                    color=colors[defense], label=f"{DEFENSE_TITLES[defense]} (ours)")
-            pk = sorted(k for (d, a, k) in paper if d == defense and a == attack)
-            ax.plot(pk, [paper[(defense, attack, k)] for k in pk], "--", color=colors[defense], alpha=0.7,
-                    label=f"{DEFENSE_TITLES[defense]} (paper)")
-        ax.set_title(registry.title(attack))
-        ax.set_xlabel("kappa")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy on adversarial examples (%)")
-    axes[-1].legend(fontsize=8, loc="lower right")
-    suffix = (" [QUICK PRESET]" if cfg["quick"] else " [NOT THE PAPER'S PROTOCOL]" if result.get("deviations_from_paper")
-              else "") + ("" if result.get("complete", True) else " [PARTIAL]")
-    fig.suptitle(f"{cfg['dataset']}: MagNet vs MI-MagNet{suffix}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-# --------------------------------------------------------------------------------------------------
 # The run.
 # --------------------------------------------------------------------------------------------------
 
@@ -586,10 +90,6 @@ def _log_timing(cache_dir: Path, job: AttackJob, seconds: float, config: TablesC
               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with open(cache_dir / "timings.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-class OverwriteError(RuntimeError):
-    """The output folder holds a table of another configuration."""
 
 
 SPLIT_ONLY = ("shard_size", "kappas_per_call")   # how the work is split: never part of a result's identity
@@ -612,7 +112,7 @@ def check_overwrite(out: Path, config: TablesConfig, overwrite: bool) -> None:
     diffs = [f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in sorted(wanted.items())
              if k not in SPLIT_ONLY and stored.get(k) != v]
     if diffs:
-        raise OverwriteError(f"{path} holds a table of another configuration:\n  " + "\n  ".join(diffs) +
+        raise cli.OverwriteError(f"{path} holds a table of another configuration:\n  " + "\n  ".join(diffs) +
                              "\nWrite elsewhere with --out DIR, or pass --overwrite to replace it.")
     print(f"{path} exists with the same configuration: it will be rewritten from the shards")
 
@@ -633,11 +133,14 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
     a labelled table of the shards present, to watch a campaign that another process is computing).
     """
     start = time.time()
-    commit = git_commit()                # the code this process runs, whatever HEAD becomes while it runs
+    made_by = cli.provenance(command)    # the code this process runs, whatever HEAD becomes while it runs
+    commit = made_by["git_commit"]
     out = Path(out)
     check_overwrite(out, config, overwrite)
     ds = dataset if dataset is not None else data.load_dataset(config.dataset, data_dir=data_dir, source=source)
-    applies, params, cards = load_networks(config.dataset, checkpoints, train_missing, data_dir)
+    on_missing = (functools.partial(train_missing_network, checkpoints=checkpoints, data_dir=data_dir)
+                  if train_missing else None)
+    applies, params, cards = load_networks(config.dataset, checkpoints, on_missing=on_missing)
     check_cards_against_data(cards, ds)
 
     magnet = datasets.get(config.dataset).magnet
@@ -738,8 +241,7 @@ def run(config: TablesConfig, out: Path, *, data_dir: str | None = None, source:
         "cache": os.path.relpath(cache_dir.resolve(), out.resolve()),
         "config": dataclasses.asdict(config), "seed": config.seed,
         "indices_hash": context["indices"], "indices": indices.tolist(), "data_md5": ds.md5,
-        "data_source": ds.source, "git_commit": commit, "device": device_description(),
-        "command": command, "wall_seconds": round(time.time() - start, 1), "thresholds": thresholds,
+        "data_source": ds.source, **made_by, "wall_seconds": round(time.time() - start, 1), "thresholds": thresholds,
         "clean_accuracy": clean, "cells": cells,
         "models": {k: card_summary(c) for k, c in cards.items()},
     }
@@ -793,14 +295,9 @@ def build_config(args: argparse.Namespace) -> TablesConfig:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=datasets.names(), required=True)
+    cli.add_data_flags(parser)
     parser.add_argument("--quick", action="store_true", help="the reduced CPU preset (labelled in every output)")
     parser.add_argument("--out", default=None, help="output folder (default results/<dataset>[-quick]/)")
-    parser.add_argument("--data-dir", default=None, help=f"official dataset files (default ${data.DATA_DIR_ENV})")
-    parser.add_argument("--source", default="auto", choices=data.SOURCES,
-                        help="auto: --data-dir if given, else the official files downloaded once into "
-                             "$MAGNET_MI_CACHE (default ~/.cache/magnet_mi_jax) and checked by md5")
-    parser.add_argument("--checkpoints", default=None, help="trained weights (default: the repository's checkpoints/)")
     parser.add_argument("--train-missing", action="store_true", help="train models that have no checkpoint")
     parser.add_argument("--n-images", dest="n_images", type=int, default=None,
                         help="attacked images (default 1,000; --quick: MNIST 100, CIFAR-10 50)")
@@ -860,12 +357,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         worker = distributed_worker(args.coordinator, args.num_processes, args.process_id)
         wait = 3600.0 * args.wait_hours if worker[0] == 0 else 0.0
     out = Path(args.out) if args.out else Path("results") / (args.dataset + ("-quick" if config.quick else ""))
-    command = " ".join(["python", "-m", "eval.tables", *(sys.argv[1:] if argv is None else argv)])
+    command = cli.command_line("eval.tables", argv)
     try:
         result = run(config, out, data_dir=args.data_dir, source=args.source, checkpoints=args.checkpoints,
                      train_missing=args.train_missing, command=command, partial=args.partial, worker=worker,
                      overwrite=args.overwrite, cache_dir=args.cache, wait_seconds=wait, craft=args.craft)
-    except (checkpoint.CheckpointError, data.DataError, OverwriteError) as err:   # one line, exit status 2
+    except (checkpoint.CheckpointError, data.DataError, cli.OverwriteError) as err:   # one line, exit status 2
         parser.exit(2, f"error: {err}\n")
     if not result["complete"] and "cells" not in result:
         return result

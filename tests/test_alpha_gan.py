@@ -13,6 +13,7 @@ import pytest
 
 from magnet_mi_jax import checkpoint
 from magnet_mi_jax.models import alpha_gan
+from train import alpha_gan_step
 from train import generator as train_generator
 
 BUILDS = {"mnist": alpha_gan.mnist_alpha_gan, "cifar10": alpha_gan.cifar_alpha_gan}
@@ -79,10 +80,10 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="28, 28, 1"):
         e(params, jnp.zeros((2, 32, 32, 3)))
     with pytest.raises(ValueError, match="adversarial"):
-        alpha_gan.LossWeights(adversarial="hinge")
+        alpha_gan_step.LossWeights(adversarial="hinge")
     with pytest.raises(ValueError, match="labels"):
-        alpha_gan.update_step(module, alpha_gan.LossWeights(), alpha_gan.make_optimizers(), params,
-                              alpha_gan.init_opt_state(alpha_gan.make_optimizers(), params),
+        alpha_gan_step.update_step(module, alpha_gan_step.LossWeights(), alpha_gan_step.make_optimizers(), params,
+                              alpha_gan_step.init_opt_state(alpha_gan_step.make_optimizers(), params),
                               jnp.zeros((2, 28, 28, 1)), jnp.zeros((3,), jnp.int32), jax.random.key(0))
 
 
@@ -97,10 +98,10 @@ def test_conditional_accuracy():
         alpha_gan.conditional_accuracy(jnp.zeros((2, 10)))
 
 
-def _run_steps(module, params, images, labels, steps, weights=alpha_gan.LossWeights(), lr=1e-3):
-    txs = alpha_gan.make_optimizers(lr)
-    step = jax.jit(functools.partial(alpha_gan.update_step, module, weights, txs))
-    opt_state = alpha_gan.init_opt_state(txs, params)
+def _run_steps(module, params, images, labels, steps, weights=alpha_gan_step.LossWeights(), lr=1e-3):
+    txs = alpha_gan_step.make_optimizers(lr)
+    step = jax.jit(functools.partial(alpha_gan_step.update_step, module, weights, txs))
+    opt_state = alpha_gan_step.init_opt_state(txs, params)
     history = []
     for i in range(steps):
         params, opt_state, metrics = step(params, opt_state, images, labels, jax.random.key(i))
@@ -125,7 +126,7 @@ def test_cifar_shaped_training_steps(cifar10):
     module, params = _model("cifar10")
     images, labels = jnp.asarray(cifar10.train_x[:4]), jnp.asarray(cifar10.train_y[:4])
     # a large lambda makes the reconstruction term dominate the first steps, so it must fall
-    new_params, history = _run_steps(module, params, images, labels, 4, alpha_gan.LossWeights(reconstruction=100),
+    new_params, history = _run_steps(module, params, images, labels, 4, alpha_gan_step.LossWeights(reconstruction=100),
                                      lr=3e-4)
     assert all(np.isfinite(v) for h in history for v in h.values())
     rec = [h["rec_l1"] for h in history]
@@ -203,7 +204,7 @@ def test_figure_grid_places_inputs_and_conditions():
         figure_grid(inputs[:1], gens)
 
 
-PAPER = alpha_gan.LossWeights(classes=0.0, code=1.0, image_label=False, code_label=False, relabelled=False)
+PAPER = alpha_gan_step.LossWeights(classes=0.0, code=1.0, image_label=False, code_label=False, relabelled=False)
 
 
 def _changed(before, after):
@@ -216,8 +217,8 @@ def test_plain_variant_loss_against_an_independent_computation(mnist):
     module, params = _model("mnist")
     images, labels = jnp.asarray(mnist.train_x[:8]), jnp.asarray(mnist.train_y[:8])
     key = jax.random.key(7)
-    txs = alpha_gan.make_optimizers(1e-3)
-    _, _, metrics = alpha_gan.update_step(module, PAPER, txs, params, alpha_gan.init_opt_state(txs, params),
+    txs = alpha_gan_step.make_optimizers(1e-3)
+    _, _, metrics = alpha_gan_step.update_step(module, PAPER, txs, params, alpha_gan_step.init_opt_state(txs, params),
                                           images, labels, key)
     _, k_prior_y, k_prior_z, _ = jax.random.split(key, 4)
     y_prior = jax.random.randint(k_prior_y, (8,), 0, 10)
@@ -235,7 +236,7 @@ def test_plain_variant_loss_against_an_independent_computation(mnist):
     np.testing.assert_allclose(float(metrics["loss_eg"]), float(want), rtol=1e-5)
 
 
-@pytest.mark.parametrize("weights, blind", [(PAPER, True), (alpha_gan.LossWeights(), False)])
+@pytest.mark.parametrize("weights, blind", [(PAPER, True), (alpha_gan_step.LossWeights(), False)])
 def test_a_blind_discriminator_learns_nothing_about_the_label(mnist, weights, blind):
     """Without the label, D's projection V, D's class head and C's label inputs get no gradient, so a step
     leaves them exactly unchanged; the class-aware variant moves all three (else the test proves nothing)."""
@@ -256,7 +257,7 @@ def test_generator_variants_are_named_configs():
     generator = train_generator
     paper = generator.variant_config("mnist", "paper")
     assert paper.loss_weights() == dataclasses.replace(PAPER, reconstruction=paper.reconstruction_weight)
-    assert generator.variant_config("mnist", "class_aware").loss_weights() == alpha_gan.LossWeights()
+    assert generator.variant_config("mnist", "class_aware").loss_weights() == alpha_gan_step.LossWeights()
     between = generator.variant_config("mnist", "no_code_label").loss_weights()
     assert not between.code_label and between.image_label and between.classes > 0
     with pytest.raises(ValueError, match="unknown generator variant 'plain'"):

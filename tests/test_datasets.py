@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from eval import tables
+from eval import protocol, tables
 from magnet_mi_jax import checkpoint, data, datasets
 from magnet_mi_jax.datasets import DatasetConfig, NetworkSpec
 from magnet_mi_jax.detectors import MagNet, MIDetector, ReconstructionDetector
@@ -35,15 +35,15 @@ def test_every_registered_dataset_config_holds_together(name):
             assert (module.image_shape, module.num_classes) == (config.image_shape, config.num_classes)
         assert config.train_command(key).startswith(f"python -m train.{spec.kind} --dataset {name}")
     # Both protocols are valid table configs, the quick one labelled.
-    full, quick = tables.protocol(name), tables.protocol(name, quick=True)
+    full, quick = protocol.protocol(name), protocol.protocol(name, quick=True)
     assert not full.quick and quick.quick and full.dataset == quick.dataset == name
     assert full.n_images == 1000 and (full.iterations, full.search_steps) == (1000, 9)   # the paper's protocol
 
 
 def test_the_builtin_configs_say_what_the_paper_and_magnet_say():
     mnist, cifar = datasets.get("mnist"), datasets.get("cifar10")
-    assert tables.protocol("mnist").kappas == tuple(float(k) for k in range(0, 41, 5))
-    assert tables.protocol("cifar10").kappas == tuple(float(k) for k in range(0, 81, 10))
+    assert protocol.protocol("mnist").kappas == tuple(float(k) for k in range(0, 41, 5))
+    assert protocol.protocol("cifar10").kappas == tuple(float(k) for k in range(0, 81, 10))
     assert (mnist.paper_table, cifar.paper_table) == ("Table 1", "Table 2")
     assert mnist.train_command("ae_ii") == "python -m train.autoencoder --dataset mnist --which ae_ii"
     assert (mnist.validation_size, cifar.validation_size, mnist.test_size) == (5000, 5000, 10_000)
@@ -59,7 +59,7 @@ def test_unknown_names_and_bad_configs_fail_clearly():
     with pytest.raises(checkpoint.CheckpointError, match="unknown dataset 'svhn'"):
         checkpoint.load_model("svhn", "classifier")
     with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
-        tables.protocol("svhn")
+        protocol.protocol("svhn")
     with pytest.raises(SystemExit):
         tables.main(["--dataset", "svhn"])
     with pytest.raises(ValueError, match="already registered"):
@@ -175,7 +175,7 @@ def test_a_new_dataset_trains_its_networks_and_makes_a_table(toy_dataset, tmp_pa
 
     saved = json.loads((out / "table.json").read_text())
     assert saved["complete"] and saved["config"]["dataset"] == "toy" and saved["shards_total"] == 2 * 2 * 2
-    assert set(saved["cells"]) == {f"{a}/{k:g}" for a in tables.ATTACKS for k in (0.0, 1.0)}
+    assert set(saved["cells"]) == {f"{a}/{k:g}" for a in protocol.ATTACKS for k in (0.0, 1.0)}
     assert all(c["n_images"] == 6 for c in saved["cells"].values())
     assert set(saved["thresholds"]) == {"R", "MI"} == set(config.mi_magnet().detector_names)
     assert saved["clean_accuracy"]["paper"] is None and saved["clean_accuracy"]["n_test"] == 90

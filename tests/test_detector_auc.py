@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eval import detector_auc, tables
+from eval import detector_auc, protocol
 from magnet_mi_jax import checkpoint, data
 from magnet_mi_jax.attacks import registry
 from magnet_mi_jax.detectors import MNIST_MAGNET, magnet_forward, roc_auc, softmax_t
@@ -29,7 +29,7 @@ N_ATT = 40          # "attacked" images per cell
 N_ONES = 30         # successful all-ones examples in cw_l2/0 (the other 10 failed and must be ignored)
 FPR = 0.05          # n = floor(40 * 0.05) = 2 natural scores above the threshold
 TEMPS = (1.0, 10.0, 40.0)
-CONFIG = dataclasses.replace(tables.protocol("mnist"), n_images=N_ATT, kappas=(0.0, 10.0), attacks=("cw_l2", "ead_l1"),
+CONFIG = dataclasses.replace(protocol.protocol("mnist"), n_images=N_ATT, kappas=(0.0, 10.0), attacks=("cw_l2", "ead_l1"),
                              iterations=5, search_steps=1, shard_size=N_ATT, quick=True)
 
 
@@ -51,7 +51,7 @@ def _save_checkpoints(root):
 def _write_run(results, ckpt, clf_params, ds):
     """A table.json and cache files exactly as eval.tables names them (cache keys match the classifier)."""
     indices = np.arange(N_ATT, dtype=np.int64)
-    context = {"dataset": "mnist", "indices": data.indices_hash(indices), "classifier": tables.params_hash(clf_params),
+    context = {"dataset": "mnist", "indices": data.indices_hash(indices), "classifier": protocol.params_hash(clf_params),
                "data": hashlib.sha256(json.dumps(ds.md5, sort_keys=True).encode()).hexdigest()[:16]}
     nat = ds.val_x[:N_NAT]
     ones = np.ones_like(nat)
@@ -66,11 +66,11 @@ def _write_run(results, ckpt, clf_params, ds):
     rows = {}
     for (attack, kappa), (adv, success) in cells.items():
         family = registry.run_of(attack).name
-        shard = tables.Shard(family, kappa, 0, 0, N_ATT)
-        path = tables.shard_path(results / "cache", CONFIG, shard, context, indices)
+        shard = protocol.Shard(family, kappa, 0, 0, N_ATT)
+        path = protocol.shard_path(results / "cache", CONFIG, shard, context, indices)
         zeros = np.zeros(N_ATT, np.float32)
         cell = dict(adv=adv, success=success, l0=zeros, l1=zeros, l2=zeros, linf=zeros, const=zeros)
-        tables.save_shard(path, {a: cell for a in registry.get(family).cells})
+        protocol.save_shard(path, {a: cell for a in registry.get(family).cells})
         rows[f"{attack}/{kappa:g}"] = {"attack": attack, "kappa": kappa, "shards": [path.name]}
     table = {"config": dataclasses.asdict(CONFIG), "indices": indices.tolist(), "cells": rows,
              "command": f"python -m eval.tables --dataset mnist --quick --checkpoints {ckpt}",
@@ -142,7 +142,7 @@ def test_scores_equal_per_t_library_calls_and_pin_the_aucs(synthetic, mnist):
     """One vectorised pass over all T equals separate per-T library calls (magnet_forward, conditional_table,
     mi_quantities); those independent scores, ranked by brute force, reproduce the report's AUCs on cw_l2/0."""
     _, _, ckpt, _, out = synthetic
-    applies, params, _ = tables.load_networks("mnist", str(ckpt), False, None)
+    applies, params, _ = protocol.load_networks("mnist", str(ckpt))
     x = jnp.asarray(np.concatenate([mnist.val_x[:N_NAT], np.ones((1, 28, 28, 1), np.float32)]))  # naturals, ones
     got = detector_auc.make_score_fn(MNIST_MAGNET, applies, TEMPS)(params, x)
     fwd = magnet_forward(MNIST_MAGNET, applies, params, x)

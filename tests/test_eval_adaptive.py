@@ -10,7 +10,8 @@ import json
 import numpy as np
 import pytest
 
-from eval import adaptive, tables
+from eval import adaptive
+from magnet_mi_jax import cli
 
 TINY = adaptive.AdaptiveConfig(n_images=4, kappas=(0.0, 5.0), attacks=("ead_en", "ead_l1"), iterations=10,
                                search_steps=2, const=0.1)
@@ -51,7 +52,7 @@ def test_outputs_accounting_resume_and_overwrite(small, tmp_path):
     assert again["attack_seconds"] == {}
     assert again["cells"] == first["cells"]
 
-    with pytest.raises(tables.OverwriteError, match="another configuration"):
+    with pytest.raises(cli.OverwriteError, match="another configuration"):
         adaptive.run(dataclasses.replace(TINY, penalty=2.0), out, dataset=small, command="test")
 
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from eval import mi_generators, tables
+from eval import mi_generators, protocol, tables
 from magnet_mi_jax import checkpoint
 from magnet_mi_jax.models import alpha_gan
 
@@ -59,7 +59,7 @@ def study(tiny_setup, tmp_path_factory):
     gan = alpha_gan.mnist_alpha_gan()
     checkpoint.save_params(other / "mnist" / "generator", alpha_gan.init_params(gan, jax.random.key(9)),
                            {"command": "untrained, another key"})
-    config = dataclasses.replace(tables.protocol("mnist", quick=True), attacks=("ead_en",), n_images=8, kappas=(0.0, 1.0),
+    config = dataclasses.replace(protocol.protocol("mnist", quick=True), attacks=("ead_en",), n_images=8, kappas=(0.0, 1.0),
                                  iterations=30, search_steps=1, shard_size=4, initial_const=10.0)
     table = tables.run(config, tmp / "run", checkpoints=str(ckpt), dataset=small, command="test", eval_batch=200)
     samples, result = mi_generators.run("mnist", {"a": str(ckpt), "b": str(other)}, [tmp / "run"],

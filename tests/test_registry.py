@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eval import tables
+from eval import protocol, tables
 from magnet_mi_jax.attacks import common, registry
 
 
@@ -23,7 +23,7 @@ def linear_logits(params, x):
 @pytest.mark.parametrize("name", sorted(registry.REGISTRY))
 def test_every_registered_run_follows_the_interface(name):
     run = registry.get(name)
-    config = dataclasses.replace(tables.protocol("mnist", quick=True), iterations=5, cw_iterations=5, search_steps=2)
+    config = dataclasses.replace(protocol.protocol("mnist", quick=True), iterations=5, cw_iterations=5, search_steps=2)
     settings = run.settings(config)
     json.dumps(settings)                                         # a shard key must serialise
     key = run.key_settings(config, 5.0)
@@ -84,7 +84,7 @@ def brighten():
 
 def test_a_new_attack_runs_through_the_tables_with_one_registration(brighten, tiny_setup, tmp_path):
     ckpt, small = tiny_setup
-    config = dataclasses.replace(tables.protocol("mnist", quick=True), attacks=("brighten", "ead_en"), n_images=4, kappas=(0.0, 2.0),
+    config = dataclasses.replace(protocol.protocol("mnist", quick=True), attacks=("brighten", "ead_en"), n_images=4, kappas=(0.0, 2.0),
                                  iterations=4, search_steps=1, shard_size=4)
     result = tables.run(config, tmp_path / "out", checkpoints=str(ckpt), dataset=small, command="test",
                         eval_batch=200)
@@ -97,7 +97,7 @@ def test_a_new_attack_runs_through_the_tables_with_one_registration(brighten, ti
     assert "Brighten" in (tmp_path / "out" / "table.md").read_text()
     # the attack's own setting keys its shards (same context and images: only the setting differs)
     changed = dataclasses.replace(config, attacks=("brighten",))
-    key = lambda c: tables.shard_path(tmp_path, c, tables.Shard("brighten", 0.0, 0, 0, 4),  # noqa: E731
+    key = lambda c: protocol.shard_path(tmp_path, c, protocol.Shard("brighten", 0.0, 0, 0, 4),  # noqa: E731
                                       {"dataset": "mnist"}, np.arange(4)).name
     assert key(changed) == key(dataclasses.replace(changed, shard_size=2, n_images=8))
 

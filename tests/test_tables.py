@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eval import tables
-from magnet_mi_jax import checkpoint
+from eval import protocol, report, tables
+from magnet_mi_jax import checkpoint, cli
 
-TINY = dataclasses.replace(tables.protocol("mnist"), n_images=6, kappas=(0.0, 5.0), iterations=8, search_steps=2,
+TINY = dataclasses.replace(protocol.protocol("mnist"), n_images=6, kappas=(0.0, 5.0), iterations=8, search_steps=2,
                            shard_size=3, quick=True)
 
 
@@ -31,7 +31,7 @@ def test_outputs_schema_and_resume(tiny_setup, tmp_path):
                 "clean_accuracy", "cells", "thresholds", "quick"):
         assert key in saved
     assert set(saved["clean_accuracy"]) >= {"no_defense", "magnet", "mi_magnet", "paper"}
-    assert set(saved["cells"]) == {f"{a}/{k:g}" for a in tables.ATTACKS for k in TINY.kappas}
+    assert set(saved["cells"]) == {f"{a}/{k:g}" for a in protocol.ATTACKS for k in TINY.kappas}
     for cell in saved["cells"].values():
         for defense in ("magnet", "mi_magnet"):
             d = cell[defense]
@@ -48,7 +48,7 @@ def test_outputs_schema_and_resume(tiny_setup, tmp_path):
     md = (out / "table.md").read_text()
     assert "QUICK PRESET" in md and "| 5 |" in md and "(94.6, " in md  # paper's MagNet C&W at kappa 5
     csv_lines = (out / "table.csv").read_text().strip().splitlines()
-    assert len(csv_lines) == 1 + 2 * len(tables.ATTACKS) * len(TINY.kappas)
+    assert len(csv_lines) == 1 + 2 * len(protocol.ATTACKS) * len(TINY.kappas)
 
     # A rerun recomputes nothing and reproduces the numbers.
     second = _run(tiny_setup, out)
@@ -103,7 +103,7 @@ def test_a_table_of_another_configuration_is_not_overwritten(tmp_path):
     (out / "table.json").write_text(json.dumps({"config": json.loads(json.dumps(dataclasses.asdict(TINY)))}))
     tables.check_overwrite(out, TINY, overwrite=False)                                  # same configuration
     tables.check_overwrite(out, dataclasses.replace(TINY, shard_size=2, kappas_per_call=0), overwrite=False)
-    with pytest.raises(tables.OverwriteError, match=r"(?s)another configuration.*n_images: 6 there, 2 now"):
+    with pytest.raises(cli.OverwriteError, match=r"(?s)another configuration.*n_images: 6 there, 2 now"):
         tables.check_overwrite(out, dataclasses.replace(TINY, n_images=2), overwrite=False)
     tables.check_overwrite(out, dataclasses.replace(TINY, n_images=2), overwrite=True)
     with pytest.raises(SystemExit) as exc:
@@ -113,51 +113,51 @@ def test_a_table_of_another_configuration_is_not_overwritten(tmp_path):
 
 def test_plan_shards_and_jobs():
     config = dataclasses.replace(TINY, n_images=7, kappas=(0.0, 5.0, 10.0), attacks=("ead_l1", "cw_l2"))
-    shards = tables.plan_shards(config)
+    shards = protocol.plan_shards(config)
     assert config.families() == ("ead", "cw")
-    assert len(shards) == 2 * 3 * 3 and shards[0] == tables.Shard("ead", 0.0, 0, 0, 3)
+    assert len(shards) == 2 * 3 * 3 and shards[0] == protocol.Shard("ead", 0.0, 0, 0, 3)
     assert [(s.start, s.stop) for s in shards[:3]] == [(0, 3), (3, 6), (6, 7)]
     missing = [s for s in shards if s.index != 1 and s.kappa != 5.0]
-    jobs = tables.plan_jobs(config, missing)
-    assert jobs == [tables.AttackJob("ead", (0.0,), 0, 0, 3), tables.AttackJob("ead", (0.0,), 2, 6, 7),
-                    tables.AttackJob("ead", (10.0,), 0, 0, 3), tables.AttackJob("ead", (10.0,), 2, 6, 7),
-                    tables.AttackJob("cw", (0.0,), 0, 0, 3), tables.AttackJob("cw", (0.0,), 2, 6, 7),
-                    tables.AttackJob("cw", (10.0,), 0, 0, 3), tables.AttackJob("cw", (10.0,), 2, 6, 7)]
-    folded = tables.plan_jobs(dataclasses.replace(config, kappas_per_call=0), missing)
-    assert folded[0] == tables.AttackJob("ead", (0.0, 10.0), 0, 0, 3) and len(folded) == 4
-    assert tables.plan_jobs(config, []) == []
-    assert tables.parse_worker("1/3") == (1, 3)
+    jobs = protocol.plan_jobs(config, missing)
+    assert jobs == [protocol.AttackJob("ead", (0.0,), 0, 0, 3), protocol.AttackJob("ead", (0.0,), 2, 6, 7),
+                    protocol.AttackJob("ead", (10.0,), 0, 0, 3), protocol.AttackJob("ead", (10.0,), 2, 6, 7),
+                    protocol.AttackJob("cw", (0.0,), 0, 0, 3), protocol.AttackJob("cw", (0.0,), 2, 6, 7),
+                    protocol.AttackJob("cw", (10.0,), 0, 0, 3), protocol.AttackJob("cw", (10.0,), 2, 6, 7)]
+    folded = protocol.plan_jobs(dataclasses.replace(config, kappas_per_call=0), missing)
+    assert folded[0] == protocol.AttackJob("ead", (0.0, 10.0), 0, 0, 3) and len(folded) == 4
+    assert protocol.plan_jobs(config, []) == []
+    assert protocol.parse_worker("1/3") == (1, 3)
     for bad in ("3/3", "a/b", "1"):
         with pytest.raises(ValueError, match="--worker"):
-            tables.parse_worker(bad)
+            protocol.parse_worker(bad)
 
 
 def test_shard_keys_change_with_every_setting_and_nothing_else(tmp_path):
     indices = np.arange(10, 16)
     context = {"dataset": "mnist", "classifier": "c" * 16, "data": "d" * 16, "indices": "i" * 16}
-    shard = tables.Shard("ead", 5.0, 0, 0, 3)
-    base = tables.shard_path(tmp_path, TINY, shard, context, indices).name
+    shard = protocol.Shard("ead", 5.0, 0, 0, 3)
+    base = protocol.shard_path(tmp_path, TINY, shard, context, indices).name
     for change in (dict(iterations=9), dict(search_steps=3), dict(initial_const=1e-2), dict(beta=0.02),
                    dict(learning_rate=0.02), dict(ead_momentum="textbook")):
-        assert tables.shard_path(tmp_path, dataclasses.replace(TINY, **change), shard, context, indices).name != base
-    cw = tables.Shard("cw", 5.0, 0, 0, 3)
-    cw_base = tables.shard_path(tmp_path, TINY, cw, context, indices).name
+        assert protocol.shard_path(tmp_path, dataclasses.replace(TINY, **change), shard, context, indices).name != base
+    cw = protocol.Shard("cw", 5.0, 0, 0, 3)
+    cw_base = protocol.shard_path(tmp_path, TINY, cw, context, indices).name
     for change in (dict(cw_iterations=20), dict(cw_abort_early=False)):
-        assert tables.shard_path(tmp_path, dataclasses.replace(TINY, **change), cw, context, indices).name != cw_base
+        assert protocol.shard_path(tmp_path, dataclasses.replace(TINY, **change), cw, context, indices).name != cw_base
     for part in ("dataset", "classifier", "data"):                    # each part of the context alone
         other = {**context, part: "x" * 16}
-        assert tables.shard_path(tmp_path, TINY, shard, other, indices).name != base
+        assert protocol.shard_path(tmp_path, TINY, shard, other, indices).name != base
     # The hash of the whole index set is replaced by the shard's own: a shard keeps its name when other
     # shards' images change.
-    assert tables.shard_path(tmp_path, TINY, shard, {**context, "indices": "x" * 16}, indices).name == base
-    assert tables.shard_path(tmp_path, TINY, dataclasses.replace(shard, kappa=10.0), context, indices).name != base
-    assert tables.shard_path(tmp_path, TINY, shard, context, indices + 1).name != base        # its own images
-    assert tables.shard_path(tmp_path, TINY, shard, context, np.r_[indices[:3], [0, 0, 0]]).name == base
+    assert protocol.shard_path(tmp_path, TINY, shard, {**context, "indices": "x" * 16}, indices).name == base
+    assert protocol.shard_path(tmp_path, TINY, dataclasses.replace(shard, kappa=10.0), context, indices).name != base
+    assert protocol.shard_path(tmp_path, TINY, shard, context, indices + 1).name != base        # its own images
+    assert protocol.shard_path(tmp_path, TINY, shard, context, np.r_[indices[:3], [0, 0, 0]]).name == base
     # How the work is split, and EAD-only settings for a C&W shard, change nothing.
     for change in (dict(kappas_per_call=0), dict(shard_size=50), dict(n_images=3), dict(attacks=("ead_en",)),
                    dict(quick=False), dict(mi_temperature=10.0)):
-        assert tables.shard_path(tmp_path, dataclasses.replace(TINY, **change), shard, context, indices).name == base
-    assert tables.shard_path(tmp_path, dataclasses.replace(TINY, beta=0.5), cw, context, indices).name == cw_base
+        assert protocol.shard_path(tmp_path, dataclasses.replace(TINY, **change), shard, context, indices).name == base
+    assert protocol.shard_path(tmp_path, dataclasses.replace(TINY, beta=0.5), cw, context, indices).name == cw_base
 
 
 def test_shard_names_are_pinned_so_committed_shards_stay_valid():
@@ -166,11 +166,11 @@ def test_shard_names_are_pinned_so_committed_shards_stay_valid():
     ATTACK_VERSION bump that is meant to invalidate every shard)."""
     ctx = {"dataset": "mnist", "indices": "0123456789abcdef", "classifier": "fedcba9876543210", "data": "a" * 16}
     idx = np.arange(1000)
-    name = lambda config, family, kappa, i: tables.shard_path(  # noqa: E731
-        Path("c"), config, tables.Shard(family, kappa, i, 100 * i, 100 * i + 100), ctx, idx).name
-    assert name(tables.protocol("mnist"), "ead", 10.0, 3) == "ead_kappa10_s003_2abad7f68b3c.npz"
-    assert name(tables.protocol("mnist"), "cw", 10.0, 3) == "cw_kappa10_s003_c415696feb79.npz"
-    assert name(tables.protocol("mnist", quick=True), "cw", 0.0, 0) == "cw_kappa0_s000_08645f497f59.npz"
+    name = lambda config, family, kappa, i: protocol.shard_path(  # noqa: E731
+        Path("c"), config, protocol.Shard(family, kappa, i, 100 * i, 100 * i + 100), ctx, idx).name
+    assert name(protocol.protocol("mnist"), "ead", 10.0, 3) == "ead_kappa10_s003_2abad7f68b3c.npz"
+    assert name(protocol.protocol("mnist"), "cw", 10.0, 3) == "cw_kappa10_s003_c415696feb79.npz"
+    assert name(protocol.protocol("mnist", quick=True), "cw", 0.0, 0) == "cw_kappa0_s000_08645f497f59.npz"
 
 
 def test_run_job_matches_separate_attack_calls(mnist, tiny_mnist_classifier):
@@ -180,8 +180,8 @@ def test_run_job_matches_separate_attack_calls(mnist, tiny_mnist_classifier):
     module, params, _ = tiny_mnist_classifier
     x, y = mnist.test_x[:7], mnist.test_y[:7]
     config = dataclasses.replace(TINY, iterations=6, search_steps=2, shard_size=6, initial_const=1.0)
-    job = tables.AttackJob("ead", (0.0, 3.0), 0, 2, 7)
-    shards = tables.run_job(job, module.apply, params, x, y, config)
+    job = protocol.AttackJob("ead", (0.0, 3.0), 0, 2, 7)
+    shards = protocol.run_job(job, module.apply, params, x, y, config)
     assert set(shards) == set(job.kappas) and all(set(c) == {"ead_l1", "ead_en"} for c in shards.values())
     for kappa, cells in shards.items():
         for attack, cell in cells.items():
@@ -194,7 +194,7 @@ def test_run_job_matches_separate_attack_calls(mnist, tiny_mnist_classifier):
     # The two rules came out of one run but keep different iterates somewhere (else the test proves nothing).
     assert any(not np.array_equal(c["ead_l1"]["l1"], c["ead_en"]["l1"]) for c in shards.values())
     with pytest.raises(ValueError, match="unknown attack run"):
-        tables.run_job(tables.AttackJob("pgd", (0.0,), 0, 0, 3), module.apply, params, x, y, config)
+        protocol.run_job(protocol.AttackJob("pgd", (0.0,), 0, 0, 3), module.apply, params, x, y, config)
 
 
 def test_workers_share_a_campaign_and_partial_tables_are_labelled(tiny_setup, tmp_path):
@@ -243,25 +243,25 @@ def test_bad_flags_fail_at_once_with_one_line_and_create_nothing(tmp_path, flags
 
 
 def test_shards_never_unpickle_and_bad_files_name_themselves(tmp_path):
-    shard = tables.Shard("cw", 0.0, 0, 0, 1)
+    shard = protocol.Shard("cw", 0.0, 0, 0, 1)
     path = tmp_path / "cw_kappa0_s000_x.npz"
-    fields = {f"cw_l2.{k}": np.zeros(1) for k in tables.ATTACK_FIELDS}
+    fields = {f"cw_l2.{k}": np.zeros(1) for k in protocol.ATTACK_FIELDS}
     np.savez(path, **{**fields, "cw_l2.adv": np.array([object()], dtype=object)})
     with pytest.raises(RuntimeError, match="corrupt attack shard .*cw_kappa0_s000_x.npz"):
-        tables.load_shard(path, shard, (28, 28, 1))
+        protocol.load_shard(path, shard, (28, 28, 1))
     good = {"cw_l2": {"adv": np.zeros((1, 28, 28, 1), np.float32), "success": np.ones(1, bool),
                       **{k: np.zeros(1, np.float32) for k in ("l0", "l1", "l2", "linf", "const")}}}
-    tables.save_shard(path, good)
+    protocol.save_shard(path, good)
     assert not list(tmp_path.glob("*.tmp.npz"))
-    np.testing.assert_array_equal(tables.load_shard(path, shard, (28, 28, 1))["cw_l2"]["success"], [True])
+    np.testing.assert_array_equal(protocol.load_shard(path, shard, (28, 28, 1))["cw_l2"]["success"], [True])
     raw = path.read_bytes()
     for broken in (b"", raw[: len(raw) // 2], raw[:-30] + bytes(30)):      # empty, truncated, bad CRC/directory
         path.write_bytes(broken)
         with pytest.raises(RuntimeError, match="corrupt attack shard .*delete it"):
-            tables.load_shard(path, shard, (28, 28, 1))
-    tables.save_shard(path, good)
+            protocol.load_shard(path, shard, (28, 28, 1))
+    protocol.save_shard(path, good)
     with pytest.raises(RuntimeError, match="expected"):
-        tables.load_shard(path, tables.Shard("cw", 0.0, 0, 0, 2), (28, 28, 1))
+        protocol.load_shard(path, protocol.Shard("cw", 0.0, 0, 0, 2), (28, 28, 1))
 
 
 def test_missing_checkpoint_names_the_training_command(tmp_path, mnist):
@@ -271,20 +271,20 @@ def test_missing_checkpoint_names_the_training_command(tmp_path, mnist):
 
 def test_paper_numbers_are_complete():
     for dataset, n_kappa in (("mnist", 9), ("cifar10", 9)):
-        paper = tables.paper_tables(dataset)
+        paper = report.paper_tables(dataset)
         assert len(paper) == 2 * 3 * n_kappa
-    assert tables.paper_tables("mnist")[("mi_magnet", "ead_en", 10.0)] == 44.0
-    assert tables.paper_clean("cifar10")["mi_magnet"] == 83.18
+    assert report.paper_tables("mnist")[("mi_magnet", "ead_en", 10.0)] == 44.0
+    assert report.paper_clean("cifar10")["mi_magnet"] == 83.18
 
 
 KILL_SCRIPT = """
 import dataclasses, sys
-from eval import tables
+from eval import protocol, tables
 from magnet_mi_jax import data
 ds = data.load_dataset("mnist", data_dir=sys.argv[3])
 small = dataclasses.replace(ds, val_x=ds.val_x[:400], val_y=ds.val_y[:400], test_x=ds.test_x[:400],
                             test_y=ds.test_y[:400])
-config = dataclasses.replace(tables.protocol("mnist"), n_images=6, kappas=(0.0,), iterations=8, search_steps=2,
+config = dataclasses.replace(protocol.protocol("mnist"), n_images=6, kappas=(0.0,), iterations=8, search_steps=2,
                              shard_size=3, attacks=("cw_l2", "ead_en"), quick=True)
 tables.run(config, sys.argv[1], checkpoints=sys.argv[2], dataset=small, command="test", eval_batch=200)
 """
@@ -336,7 +336,7 @@ def test_cell_metric_on_a_constructed_case():
     success = np.array([1, 1, 0, 1, 1, 1, 1, 1], bool)
     cell = {"success": success, **{k: np.ones(8, np.float32) for k in ("l1", "l2", "linf")}}
     natural = {n: np.full(8, 0.5, np.float32) for n in ("I", "II", "MI")}
-    row = tables.evaluate_cell(outputs, {"I": 1.0, "II": 1.0, "MI": 1.0}, MNIST_MAGNET, spec, labels, cell, natural)
+    row = protocol.evaluate_cell(outputs, {"I": 1.0, "II": 1.0, "MI": 1.0}, MNIST_MAGNET, spec, labels, cell, natural)
     assert row["magnet"] == {"accuracy": 62.5, "detector_only": 50.0, "reformer_only": 37.5,
                              "accuracy_successful_only": 57.14, "detected": 37.5}
     assert row["mi_magnet"] == {"accuracy": 75.0, "detector_only": 75.0, "reformer_only": 37.5,
@@ -348,14 +348,14 @@ def test_cell_metric_on_a_constructed_case():
 DISTRIBUTED_SCRIPT = """
 import dataclasses, sys
 import jax
-from eval import tables
+from eval import protocol, tables
 from magnet_mi_jax import data
 out, ckpt, data_dir, coordinator, pid = sys.argv[1:6]
 worker = tables.distributed_worker(coordinator, 2, int(pid))
 ds = data.load_dataset("mnist", data_dir=data_dir)
 small = dataclasses.replace(ds, val_x=ds.val_x[:400], val_y=ds.val_y[:400], test_x=ds.test_x[:400],
                             test_y=ds.test_y[:400])
-config = dataclasses.replace(tables.protocol("mnist"), n_images=6, kappas=(0.0,), iterations=8, search_steps=2,
+config = dataclasses.replace(protocol.protocol("mnist"), n_images=6, kappas=(0.0,), iterations=8, search_steps=2,
                              shard_size=3, attacks=("cw_l2",), quick=True)
 result = tables.run(config, out, checkpoints=ckpt, dataset=small, command="test", eval_batch=200, worker=worker,
                     wait_seconds=600.0 if worker[0] == 0 else 0.0)

@@ -5,27 +5,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shlex
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from magnet_mi_jax import checkpoint, data, datasets
-from magnet_mi_jax.utils import device_description, git_commit
+from magnet_mi_jax import checkpoint, data
+from magnet_mi_jax import cli as magnet_cli
 from train import trainer
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--dataset", choices=datasets.names(), required=True)
-    parser.add_argument("--data-dir", default=None,
-                        help=f"folder with the official dataset files (default: ${data.DATA_DIR_ENV}, else TFDS)")
-    parser.add_argument("--source", default="auto", choices=data.SOURCES,
-                        help="auto: --data-dir if given, else the official files downloaded once into "
-                             "$MAGNET_MI_CACHE (default ~/.cache/magnet_mi_jax) and checked by md5")
+    magnet_cli.add_data_flags(parser, checkpoints_help="where the trained weights are exported (default: the "
+                                                       "repository's checkpoints/)")
     parser.add_argument("--epochs", type=int, default=None, help="override the config's epoch count")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None, help="override the config's learning rate")
@@ -34,8 +28,6 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                         help="train on the first N training images only (smoke tests)")
     parser.add_argument("--workdir", default=None,
                         help="resumable run state (default: workdirs/<dataset>/<model>); rerun to resume")
-    parser.add_argument("--checkpoints", default=None,
-                        help="where the trained weights are exported (default: the repository's checkpoints/)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace trained weights of another configuration at the export target (default: "
                              "refuse, so a smoke run never silently replaces shipped weights)")
@@ -118,8 +110,7 @@ def check_export_target(args: argparse.Namespace, name: str, run: dict[str, Any]
 
 
 def command_line(argv: list[str] | None, module: str) -> str:
-    argv = sys.argv[1:] if argv is None else argv
-    return " ".join(["python", "-m", module, *map(shlex.quote, argv)])
+    return magnet_cli.command_line(module, argv)
 
 
 def export(args: argparse.Namespace, name: str, params: Any, config, ds: data.Dataset, command: str,
@@ -131,14 +122,10 @@ def export(args: argparse.Namespace, name: str, params: Any, config, ds: data.Da
     meta = {
         "model": f"{args.dataset}/{name}",
         "run_config": run,
-        "command": command,
+        **magnet_cli.provenance(command, ds),
         "seed": args.seed,
         "config": dataclasses.asdict(config),
         "train_limit": args.train_limit,
-        "data_source": ds.source,
-        "data_md5": ds.md5,
-        "git_commit": git_commit(),
-        "device": device_description(),
         "metrics": metrics,
         "history": history,
     }
@@ -149,13 +136,8 @@ def export(args: argparse.Namespace, name: str, params: Any, config, ds: data.Da
 
 
 def cli(main: Callable[[], Any]) -> None:
-    """Runs an entry point's ``main`` as a command: expected failures (bad data, checkpoint, work folder or
-    export target) print one line naming the problem and exit with status 2 instead of a traceback."""
-    try:
-        main()
-    except (data.DataError, checkpoint.CheckpointError, ExportError, trainer.RunConfigError) as err:
-        sys.stderr.write(f"error: {err}\n")
-        raise SystemExit(2) from None
+    """:func:`magnet_mi_jax.cli.run_main` with the training errors (work folder or export target) too."""
+    magnet_cli.run_main(main, (ExportError, trainer.RunConfigError))
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -44,7 +44,7 @@ import numpy as np
 from magnet_mi_jax import checkpoint, datasets
 from magnet_mi_jax.models import alpha_gan
 from magnet_mi_jax.utils import map_batches
-from train import common, trainer
+from train import alpha_gan_step, common, trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +65,8 @@ class GeneratorConfig:
     code_label: bool = True                # C conditioned on the label
     relabelled: bool = True                # fakes include G(E(x), y') with a wrong label y'
 
-    def loss_weights(self) -> alpha_gan.LossWeights:
-        return alpha_gan.LossWeights(reconstruction=self.reconstruction_weight, code=self.code_weight,
+    def loss_weights(self) -> alpha_gan_step.LossWeights:
+        return alpha_gan_step.LossWeights(reconstruction=self.reconstruction_weight, code=self.code_weight,
                                      classes=self.class_weight, adversarial=self.adversarial,
                                      image_label=self.image_label, code_label=self.code_label,
                                      relabelled=self.relabelled)
@@ -98,7 +98,7 @@ def variant_config(dataset: str, variant: str) -> GeneratorConfig:
 
 
 def make_optimizers(config: GeneratorConfig):
-    return alpha_gan.make_optimizers(config.learning_rate, config.beta1, config.beta2)
+    return alpha_gan_step.make_optimizers(config.learning_rate, config.beta1, config.beta2)
 
 
 @functools.lru_cache(maxsize=4)
@@ -113,10 +113,10 @@ def make_update_fn(module: alpha_gan.ConditionalAlphaGAN, config: GeneratorConfi
     @jax.jit
     def update_fn(state: trainer.TrainState, batch):
         key = jax.random.fold_in(state.key, state.step)
-        params, opt_state, metrics = alpha_gan.update_step(module, weights, optimizers,
+        params, opt_state, metrics = alpha_gan_step.update_step(module, weights, optimizers,
                                                            {"params": state.params["params"]}, state.opt_state,
                                                            batch["image"], batch["label"], key)
-        ema = alpha_gan.ema_update(state.params["ema"], alpha_gan.generator_networks(params), state.step,
+        ema = alpha_gan_step.ema_update(state.params["ema"], alpha_gan_step.generator_networks(params), state.step,
                                    config.ema_decay)
         return trainer.TrainState(state.step + 1, {**params, "ema": ema}, opt_state, state.key), metrics
 
@@ -128,7 +128,7 @@ def averaged(params) -> dict:
 
     ``params`` is the run state's ``{"params": {...four networks}, "ema": {"encoder", "generator"}}``.
     """
-    return alpha_gan.with_generator_networks({"params": params["params"]}, params["ema"])
+    return alpha_gan_step.with_generator_networks({"params": params["params"]}, params["ema"])
 
 
 def load_classifier(dataset: str, checkpoints):
@@ -205,8 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
     init_key, state_key = jax.random.split(jax.random.key(args.seed))
     params = spec.init(module, init_key)
     optimizers = make_optimizers(config)
-    state = trainer.TrainState(jnp.zeros((), jnp.int32), {**params, "ema": alpha_gan.generator_networks(params)},
-                               alpha_gan.init_opt_state(optimizers, params), state_key)
+    state = trainer.TrainState(jnp.zeros((), jnp.int32), {**params, "ema": alpha_gan_step.generator_networks(params)},
+                               alpha_gan_step.init_opt_state(optimizers, params), state_key)
     classify, classifier_card = load_classifier(args.dataset, classifier_root(args))
 
     n_eval = config.eval_images

@@ -68,7 +68,7 @@ class DatasetConfig:
       validation_size: the leading training images held out for validation (MagNet: 5,000).
       test_size: the number of test images, checked when the files are read (``None``: not checked).
       training: network kind -> overrides of that kind's training config in ``train/`` (plain values).
-      protocols: ``"full"`` / ``"quick"`` -> overrides of ``eval.tables.TablesConfig`` (e.g. ``kappas``).
+      protocols: ``"full"`` / ``"quick"`` -> overrides of ``eval.protocol.TablesConfig`` (e.g. ``kappas``).
       paper_table: the paper's title for this dataset's table (``"Table 1"``), or ``None`` if the paper has
         none; its numbers are read from ``eval/paper/*.csv`` by dataset name.
     """

@@ -1,0 +1,76 @@
+"""What every entry point (``train/``, ``eval/``) shares: the dataset, data and checkpoint flags, the command line
+as it was typed, and the provenance every result records.
+
+Example::
+
+    parser = argparse.ArgumentParser()
+    cli.add_data_flags(parser)                  # --dataset, --data-dir, --source, --checkpoints
+    args = parser.parse_args(argv)
+    ds = cli.load_data(args)
+    result = {..., **cli.provenance(cli.command_line("eval.my_study", argv), ds)}
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Any, Callable
+
+import jax
+
+from magnet_mi_jax import checkpoint, data, datasets
+from magnet_mi_jax.utils import device_description, git_commit
+
+
+class OverwriteError(RuntimeError):
+    """The output folder holds results of another configuration (a run never silently replaces them)."""
+
+
+def add_data_flags(parser: argparse.ArgumentParser, *, checkpoints_help: str | None = None,
+                   dataset_required: bool = True, checkpoints: bool = True) -> argparse.ArgumentParser:
+    """Adds ``--dataset`` (a registered name), ``--data-dir``, ``--source`` and (with ``checkpoints``)
+    ``--checkpoints``."""
+    parser.add_argument("--dataset", choices=datasets.names(), required=dataset_required,
+                        default=None if dataset_required else datasets.names()[0])
+    parser.add_argument("--data-dir", default=None,
+                        help=f"folder with the dataset's files (default ${data.DATA_DIR_ENV}, else the download cache)")
+    parser.add_argument("--source", default="auto", choices=data.SOURCES,
+                        help="auto: --data-dir if given, else the official files downloaded once into "
+                             "$MAGNET_MI_CACHE (default ~/.cache/magnet_mi_jax) and checked by md5")
+    if checkpoints:
+        parser.add_argument("--checkpoints", default=None,
+                            help=checkpoints_help or "trained weights (default: the repository's checkpoints/)")
+    return parser
+
+
+def load_data(args: argparse.Namespace) -> data.Dataset:
+    """The dataset the flags of :func:`add_data_flags` name."""
+    return data.load_dataset(args.dataset, data_dir=args.data_dir, source=args.source)
+
+
+def command_line(module: str, argv: list[str] | None = None) -> str:
+    """``python -m <module> <args>``, each argument shell-quoted (``argv`` None: this process's own)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(["python", "-m", module, *map(shlex.quote, argv)])
+
+
+def provenance(command: str, ds: data.Dataset | None = None, *, commit: str | None = None) -> dict[str, Any]:
+    """What every result records about how it was made: the command, the git commit (``commit`` if the caller
+    read it when it started), the device, the JAX version and, with ``ds``, the data files' md5s and source."""
+    out = {"command": command, "git_commit": commit if commit is not None else git_commit(),
+           "device": device_description(), "jax": jax.__version__}
+    if ds is not None:
+        out.update(data_md5=ds.md5, data_source=ds.source)
+    return out
+
+
+def run_main(main: Callable[[], Any], errors: tuple[type[BaseException], ...] = ()) -> None:
+    """Runs an entry point's ``main`` as a command: expected failures (bad data, a missing or corrupt checkpoint,
+    an output of another configuration, and ``errors``) print one line naming the problem and exit with status 2
+    instead of a traceback."""
+    try:
+        main()
+    except (data.DataError, checkpoint.CheckpointError, OverwriteError, *errors) as err:
+        sys.stderr.write(f"error: {err}\n")
+        raise SystemExit(2) from None
