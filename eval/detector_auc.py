@@ -18,9 +18,9 @@ Scores (larger = more suspicious), for a batch x (B, H, W, C), K classes and tem
 
 * MagNet's detectors from the dataset's preset: MNIST ``I`` = mean (x - AE_I(x))^2, ``II`` = mean |x - AE_II(x)|;
   CIFAR-10 ``AE`` = mean |x - AE(x)|, ``JSD-T10`` / ``JSD-T40`` = JSD(softmax(Z(x)/T), softmax(Z(R(x))/T));
-* the MI detector at each T, from logits computed once per batch:
-  Z(x) (B, K), Z(R(x)) (B, K) and the conditional logits L[b, j, :] = Z(G(E(x_b), e_j)) (B, K, K), then for all
-  T at once (vectorised over a (n,) temperature axis)
+* the MI detector at each T (the defense's own ``MIDetector``, read with other quantities and readings), from
+  logits computed once per batch: Z(x) (B, K), Z(R(x)) (B, K) and the conditional logits
+  L[b, j, :] = Z(G(E(x_b), e_j)) (B, K, K), then for each T
       p_X = softmax(Z(x)/T),  p_Y = softmax(Z(R(x))/T),  P[j, i] = softmax(L[j, :]/T)_i;
   reported as ``dJ_<reading>_T<T>`` (Jaccard distance d_J = 1 - I(X;Y)/H(X,Y)) and ``MI_<reading>_T<T>``
   (I(X;Y)) for both readings (``literal``, ``consistent``; :mod:`magnet_mi_jax.detectors.mi`) and
@@ -46,7 +46,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -55,13 +55,14 @@ import numpy as np
 from eval import protocol
 from magnet_mi_jax import checkpoint, cli, data, datasets
 from magnet_mi_jax.attacks import registry
-from magnet_mi_jax.detectors import (MagNet, ReconstructionDetector, magnet_forward, map_batches,
-                                     roc_auc, tpr_at_fpr)
+from magnet_mi_jax.detectors import (JSDDetector, MagNet, MIDetector, ReconstructionDetector, map_batches, roc_auc,
+                                     tpr_at_fpr)
+from magnet_mi_jax.detectors.forward import SharedForward
 from magnet_mi_jax.detectors import _checks
-from magnet_mi_jax.detectors.mi import READINGS, MIQuantities, _mi_quantities, conditional_logits
+from magnet_mi_jax.detectors.mi import READINGS, conditional_logits
 
 __all__ = ["DEFAULT_TEMPERATURES", "DEFAULT_FPR", "DEFAULT_N_NATURAL", "AnalysisError", "conditional_logits",
-           "DetectorScores", "detector_scores", "make_score_fn", "score_names", "flatten_scores",
+           "analysis_detectors", "detector_scores", "make_score_fn", "score_names", "flatten_scores",
            "score_metrics", "analyse", "render_markdown", "run", "main"]
 
 DEFAULT_TEMPERATURES = (1.0, 10.0, 40.0)
@@ -80,30 +81,29 @@ class AnalysisError(RuntimeError):
 # --------------------------------------------------------------------------------------------------
 
 
-class DetectorScores(NamedTuple):
-    """Every score of one batch of B images; every leaf has the batch on axis 0 (for ``map_batches``).
-
-    Attributes:
-      magnet: MagNet detector name -> (B,) score.
-      mi: reading -> :class:`~magnet_mi_jax.detectors.mi.MIQuantities` whose fields are (B, n), column t
-        at temperature ``temperatures[t]``.
-    """
-
-    magnet: dict
-    mi: dict
+def analysis_detectors(magnet: MagNet, temperatures: Sequence[float] = DEFAULT_TEMPERATURES) -> tuple:
+    """The detectors the analysis scores, in report order: MagNet's, then at each T the MI detector's d_J and
+    I(X;Y) under both readings and H(X|Y) (the same under both): :class:`~magnet_mi_jax.detectors.MIDetector`
+    instances that differ only in ``quantity``, ``reading`` and ``temperature``, so they share one conditional
+    pass (the defense's own MI detector, read other ways)."""
+    dets = list(magnet.detectors)
+    for t in temperatures:
+        for reading in READINGS:
+            for quantity in MI_QUANTITIES:
+                dets.append(MIDetector(name=f"{MI_PREFIX[quantity]}_{reading}_{_t_label(t)}", temperature=t,
+                                       reading=reading, quantity=quantity))
+        dets.append(MIDetector(name=f"HXgY_{_t_label(t)}", temperature=t, quantity="h_x_given_y"))
+    return tuple(dets)
 
 
 def detector_scores(magnet: MagNet, applies: Mapping[str, Callable], params: Mapping[str, Any], x,
-                    temperatures: Sequence[float] = DEFAULT_TEMPERATURES, encoder: str = "encoder",
-                    generator: str = "generator") -> DetectorScores:
-    """MagNet's scores and the MI quantities under both readings at every temperature, from one set of logits.
+                    temperatures: Sequence[float] = DEFAULT_TEMPERATURES) -> dict[str, jnp.ndarray]:
+    """Every score of :func:`analysis_detectors` on a batch, from one shared forward pass.
 
-    Network evaluations: Z(x), the auto-encoders, Z(R(x)) (via
-    :func:`~magnet_mi_jax.detectors.magnet.magnet_forward`) and the (B, K, K) conditional logits L (once).
-    The temperatures are a (n,) array the MI math is ``jax.vmap``-ed over: for each T,
-    p_X = softmax(Z(x)/T), p_Y = softmax(Z(R(x))/T), P = softmax(L/T) and the
-    :class:`~magnet_mi_jax.detectors.mi.MIQuantities` of each reading. R is the preset's reformer, as in the
-    MI-strengthened defense. Pure and jittable with ``magnet``, ``applies``, ``temperatures`` static.
+    Network evaluations: Z(x), the auto-encoders, Z(R(x)) and the (B, K, K) conditional logits, once each
+    (:class:`~magnet_mi_jax.detectors.forward.SharedForward`); each (T, reading) pair computes its softmaxes
+    and information quantities once. R is the preset's reformer, as in the MI-strengthened defense. Pure and
+    jittable with ``magnet``, ``applies``, ``temperatures`` static.
 
     Args:
       magnet: the dataset's MagNet preset.
@@ -111,34 +111,20 @@ def detector_scores(magnet: MagNet, applies: Mapping[str, Callable], params: Map
       params: key -> parameters.
       x: (B, H, W, C) float images in [0, 1].
       temperatures: the n temperatures T > 0.
-      encoder: key of the alpha-GAN encoder.
-      generator: key of the conditional generator.
 
     Returns:
-      :class:`DetectorScores`.
+      score name -> (B,) score.
     """
     temps = tuple(_checks.check_temperature(t) for t in temperatures)
     if not temps:
         raise ValueError("temperatures must not be empty")
-    out = magnet_forward(magnet, applies, params, x)
-    clf = magnet.classifier
-    table_logits = conditional_logits(applies[clf], params[clf], applies[encoder], params[encoder],
-                                      applies[generator], params[generator], x, out.logits.shape[1])
-
-    def at_temperature(t):
-        p_x = jax.nn.softmax(out.logits / t, axis=-1)                   # (B, K)
-        p_y = jax.nn.softmax(out.reformed_logits / t, axis=-1)          # (B, K)
-        table = jax.nn.softmax(table_logits / t, axis=-1)               # (B, K, K)
-        return {reading: _mi_quantities(p_x, p_y, table, reading) for reading in READINGS}
-
-    per_t = jax.vmap(at_temperature)(jnp.asarray(temps, out.logits.dtype))   # leaves (n, B)
-    mi = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), per_t)                 # leaves (B, n)
-    return DetectorScores(magnet=dict(out.scores), mi=mi)
+    forward = SharedForward(applies, params, x, classifier=magnet.classifier, reformer=magnet.reformer)
+    return {det.name: det.score(forward) for det in analysis_detectors(magnet, temps)}
 
 
 def make_score_fn(magnet: MagNet, applies: Mapping[str, Callable],
-                  temperatures: Sequence[float] = DEFAULT_TEMPERATURES) -> Callable[[Mapping[str, Any], Any],
-                                                                                     DetectorScores]:
+                  temperatures: Sequence[float] = DEFAULT_TEMPERATURES
+                  ) -> Callable[[Mapping[str, Any], Any], dict[str, jnp.ndarray]]:
     """``jax.jit`` of :func:`detector_scores` with the preset, networks and temperatures fixed: ``f(params, x)``."""
     temps = tuple(float(_checks.check_temperature(t)) for t in temperatures)
     return jax.jit(functools.partial(detector_scores, magnet, dict(applies), temperatures=temps))
@@ -151,30 +137,30 @@ def _t_label(t: float) -> str:
 def score_names(magnet: MagNet, temperatures: Sequence[float] = DEFAULT_TEMPERATURES) -> dict[str, str]:
     """Score name -> description, in report order: MagNet's detectors, then the MI scores by temperature."""
     names = {}
-    for det in magnet.detectors:
+    for det in analysis_detectors(magnet, temperatures):
         if isinstance(det, ReconstructionDetector):
             names[det.name] = f"MagNet reconstruction error of {det.autoencoder}, p = {det.p:g}"
-        else:
+        elif isinstance(det, JSDDetector):
             names[det.name] = f"MagNet JSD at T = {det.temperature:g} ({det.autoencoder})"
-    for t in temperatures:
-        for reading in READINGS:
-            names[f"dJ_{reading}_{_t_label(t)}"] = f"MI Jaccard distance d_J, {reading} reading, T = {t:g}"
-            names[f"MI_{reading}_{_t_label(t)}"] = f"MI I(X;Y), {reading} reading, T = {t:g}"
-        names[f"HXgY_{_t_label(t)}"] = f"MI H(X|Y) (both readings), T = {t:g}"
+        elif det.quantity == "h_x_given_y":
+            names[det.name] = f"MI H(X|Y) (both readings), T = {det.temperature:g}"
+        else:
+            what = {"jaccard": "Jaccard distance d_J", "mutual_information": "I(X;Y)"}[det.quantity]
+            names[det.name] = f"MI {what}, {det.reading} reading, T = {det.temperature:g}"
     return names
 
 
-def flatten_scores(scores: DetectorScores, temperatures: Sequence[float] = DEFAULT_TEMPERATURES
+def _mi_names(temperatures: Sequence[float]) -> list[str]:
+    return [d.name for d in analysis_detectors(MagNet(detectors=(), reformer="r"), temperatures)]
+
+
+def flatten_scores(scores: Mapping[str, Any], temperatures: Sequence[float] = DEFAULT_TEMPERATURES
                    ) -> dict[str, np.ndarray]:
-    """:class:`DetectorScores` (host arrays) -> score name (as in :func:`score_names`) -> (N,) float64."""
-    flat = {name: np.asarray(v, np.float64) for name, v in scores.magnet.items()}
-    for i, t in enumerate(temperatures):  # naming only: column i of the (N, n) arrays
-        for reading in READINGS:
-            q: MIQuantities = scores.mi[reading]
-            for field in MI_QUANTITIES:
-                flat[f"{MI_PREFIX[field]}_{reading}_{_t_label(t)}"] = np.asarray(getattr(q, field)[:, i], np.float64)
-        flat[f"HXgY_{_t_label(t)}"] = np.asarray(scores.mi[READINGS[0]].h_x_given_y[:, i], np.float64)
-    return flat
+    """:func:`detector_scores`' result (host arrays; a jitted function returns its dict in sorted key order) ->
+    score name -> (N,) float64 in report order: MagNet's scores, then the MI scores as :func:`score_names`."""
+    mi_names = _mi_names(temperatures)
+    names = sorted(set(scores) - set(mi_names)) + mi_names
+    return {name: np.asarray(scores[name], np.float64) for name in names}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -322,6 +308,7 @@ def read_table(results: Path) -> dict[str, Any]:
 def run_checkpoints(table: Mapping[str, Any]) -> str | None:
     """The ``--checkpoints`` of the recorded ``eval.tables`` command, or None (the default folder)."""
     parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--checkpoints", default=None)
     try:
         args, _ = parser.parse_known_args(shlex.split(table.get("command") or ""))
     except (ValueError, SystemExit):
@@ -473,7 +460,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cli.add_data_flags(parser, checkpoints_help="trained weights (default: the run's --checkpoints)")
     parser.add_argument("--results", required=True, help="folder of an eval.tables run (table.json and cache/)")
-    parser.add_argument("--checkpoints", default=None, help="trained weights (default: the run's --checkpoints)")
     parser.add_argument("--n-natural", dest="n_natural", type=int, default=DEFAULT_N_NATURAL)
     parser.add_argument("--temperatures", default=",".join(f"{t:g}" for t in DEFAULT_TEMPERATURES),
                         help="comma-separated MI temperatures")

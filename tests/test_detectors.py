@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import decimal
 import math
 
@@ -15,6 +16,7 @@ from scipy.spatial.distance import jensenshannon
 
 from magnet_mi_jax import datasets
 from magnet_mi_jax.detectors import defense, magnet, mi, thresholds
+from magnet_mi_jax.detectors.forward import SharedForward
 
 SETTINGS = settings(max_examples=80, deadline=None, derandomize=True)
 FEW = settings(max_examples=40, deadline=None, derandomize=True)
@@ -316,6 +318,62 @@ def test_magnet_forward_matches_the_single_scores_and_shares_work():
     eager = magnet.magnet_forward(TOY_MAGNET, applies, params, x)
     for name in out.scores:
         np.testing.assert_allclose(eager.scores[name], out.scores[name], rtol=1e-4, atol=1e-9)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReformedDistanceDetector:
+    """A detector the package does not define: max |R(x) - x| of its auto-encoder (the interface of
+    magnet_mi_jax.detectors.forward), used to show a new detector is one class."""
+
+    name: str
+    autoencoder: str
+    fpr: float
+    calibration_size: int = 200
+
+    @property
+    def networks(self):
+        return (self.autoencoder,)
+
+    def score(self, forward):
+        return jnp.max(jnp.abs(forward.reformed(self.autoencoder) - forward.x), axis=(1, 2, 3))
+
+
+def test_a_new_detector_is_one_class_and_shares_the_forward_pass():
+    applies, params = toy_defense_networks()
+    x = rand_images(5, b=8)
+    extra = _ReformedDistanceDetector("Linf", "ae_b", fpr=0.05)
+    spec = magnet.MagNet(detectors=TOY_MAGNET.detectors + (extra,), reformer="ae_a")
+    assert spec.network_keys == ("classifier", "ae_a", "ae_b")
+    CALLS.clear()
+    out = defense.make_defense_fn(spec, applies)(params, x)
+    assert CALLS == {"ae_a": 1, "ae_b": 1, "classifier": 2}           # the new detector reuses AE_b(x)
+    want = np.max(np.abs(np.clip(0.8 * np.asarray(x) + 0.1, 0, 1) - np.asarray(x)), axis=(1, 2, 3))
+    np.testing.assert_allclose(out.scores["Linf"], want, rtol=1e-6)
+    val = defense.make_defense_fn(spec, applies)(params, rand_images(6, b=200)).scores
+    theta = defense.calibrate(spec, val)
+    assert theta["Linf"] == thresholds.threshold_at_fpr(np.asarray(val["Linf"])[:200], 0.05)
+    decision = defense.decide(spec, out, theta)
+    np.testing.assert_array_equal(decision.flags["Linf"], np.asarray(out.scores["Linf"]) >= theta["Linf"])
+    with pytest.raises(TypeError, match="unknown detector"):
+        magnet.MagNet(detectors=(object(),), reformer="ae_a")
+
+
+def test_mi_detectors_differing_in_quantity_share_one_conditional_pass():
+    applies, params = toy_defense_networks()
+    x = rand_images(8, b=6)
+    spec = defense.mi_magnet(TOY_MAGNET, temperature=10.0)
+    forward = defense.make_defense_fn(spec, applies)(params, x)
+    for quantity in mi.MIQuantities._fields:
+        det = defense.MIDetector(name="q", temperature=10.0, quantity=quantity)
+        CALLS.clear()
+        shared = SharedForward(applies, params, x, reformer="ae_a")
+        got = det.score(shared)
+        assert jnp.shape(defense.MIDetector(name="d", temperature=10.0).score(shared)) == (6,)   # memoised
+        assert CALLS == {"classifier": 3, "ae_a": 1, "encoder": 1, "generator": 1}   # Z(x), Z(R(x)), Z(G(.))
+        np.testing.assert_allclose(got, getattr(forward.mi.quantities, quantity), rtol=1e-5, atol=1e-6)  # eager vs jit
+    np.testing.assert_array_equal(forward.scores["MI"], forward.mi.quantities.jaccard)      # the default: d_J
+    with pytest.raises(ValueError, match="quantity"):
+        defense.MIDetector(quantity="kl")
 
 
 def test_map_batches_equals_one_call():

@@ -1,6 +1,8 @@
 """Detectors: MagNet's reconstruction-error and JSD detectors and reformer, the conditional-generation MI
 detector, thresholds at a false-positive rate, defense metrics, and MI-strengthened MagNet.
 
+* :mod:`~magnet_mi_jax.detectors.forward`: the detector interface and :class:`SharedForward`, the network
+  outputs of one batch that every detector reads (each network evaluated once).
 * :mod:`~magnet_mi_jax.detectors.magnet`: scores, reformer, the :class:`MagNet` description and presets.
 * :mod:`~magnet_mi_jax.detectors.mi`: entropy, H(X|Y), I(X;Y), H(X,Y), d_J; the MI score over all K conditions.
 * :mod:`~magnet_mi_jax.detectors.thresholds`: n = floor(N r), threshold = n-th largest, pass iff score < it.
@@ -8,6 +10,7 @@ detector, thresholds at a false-positive rate, defense metrics, and MI-strengthe
 * :mod:`~magnet_mi_jax.detectors.defense`: MagNet OR the MI detector, then the reformer.
 """
 
+from magnet_mi_jax.detectors.forward import SharedForward, check_detector
 from magnet_mi_jax.detectors.defense import (Decision, DefenseOutputs, MIDetector, MIMagNet, calibrate, decide,
                                              defense_forward, make_defense_fn, make_mi_strengthened_magnet,
                                              mi_magnet, mi_strengthened_magnet)
@@ -33,5 +36,5 @@ __all__ = [
     "magnet_forward", "make_defense_fn", "make_magnet_fn", "make_mi_score_fn", "make_mi_strengthened_magnet",
     "map_batches", "mi_magnet", "mi_quantities", "mi_score", "mi_strengthened_magnet", "mutual_information",
     "num_rejected", "passes", "reconstruction_error", "reconstruction_score", "reform", "roc_auc", "softmax_t",
-    "threshold_at_fpr", "tpr_at_fpr",
+    "threshold_at_fpr", "tpr_at_fpr", "SharedForward", "check_detector",
 ]

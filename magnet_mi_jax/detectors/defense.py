@@ -36,8 +36,9 @@ import numpy as np
 
 from magnet_mi_jax.detectors import _checks
 from magnet_mi_jax.detectors.magnet import (Apply, MagNet, MagNetOutputs, _check_name, _check_size,
-                                            check_networks, magnet_forward, softmax_t)
-from magnet_mi_jax.detectors.mi import READINGS, MIOutputs, _mi_quantities, conditional_table
+                                            check_networks, magnet_outputs, softmax_t)
+from magnet_mi_jax.detectors.forward import SharedForward
+from magnet_mi_jax.detectors.mi import READINGS, MIOutputs, MIQuantities, _mi_quantities
 from magnet_mi_jax.detectors.thresholds import check_rate, flags, threshold_at_fpr
 
 __all__ = ["MIDetector", "MIMagNet", "mi_magnet", "DefenseOutputs", "defense_forward", "make_defense_fn",
@@ -46,12 +47,16 @@ __all__ = ["MIDetector", "MIMagNet", "mi_magnet", "DefenseOutputs", "defense_for
 
 @dataclasses.dataclass(frozen=True)
 class MIDetector:
-    """The MI detector's configuration: score d_J, flagged iff d_J >= theta.
+    """The MI detector: score d_J (or another quantity of :class:`~magnet_mi_jax.detectors.mi.MIQuantities`),
+    flagged iff score >= theta.
 
     Attributes:
       name: key of its score (default ``"MI"``).
       temperature: T of every softmax of the MI computation (default 1).
       reading: ``"literal"`` (default) or ``"consistent"``; see :mod:`~magnet_mi_jax.detectors.mi`.
+      quantity: the field of :class:`~magnet_mi_jax.detectors.mi.MIQuantities` that is the score: ``"jaccard"``
+        (d_J, the paper's, default), ``"h_x_given_y"``, ``"mutual_information"``, ``"h_x"``, ``"h_y"``,
+        ``"h_xy"``. Larger is flagged, whichever it is.
       fpr: false-positive rate r of theta (paper: 0.005).
       calibration_size: how many leading validation images calibrate theta (paper: 1,000).
       encoder: key of the alpha-GAN encoder E.
@@ -62,6 +67,7 @@ class MIDetector:
     name: str = "MI"
     temperature: float = 1.0
     reading: str = "literal"
+    quantity: str = "jaccard"
     fpr: float = 0.005
     calibration_size: int = 1000
     encoder: str = "encoder"
@@ -73,12 +79,35 @@ class MIDetector:
         _checks.check_temperature(self.temperature)
         if self.reading not in READINGS:
             raise ValueError(f"reading must be one of {READINGS}, got {self.reading!r}")
+        if self.quantity not in MIQuantities._fields:
+            raise ValueError(f"quantity must be one of {MIQuantities._fields}, got {self.quantity!r}")
         check_rate(self.fpr)
         _check_size(self.calibration_size)
         _check_name(self.encoder, "encoder key")
         _check_name(self.generator, "generator key")
         if self.reformer is not None:
             _check_name(self.reformer, "reformer key")
+
+    @property
+    def networks(self) -> tuple[str, ...]:
+        return ((self.reformer,) if self.reformer else ()) + (self.encoder, self.generator)
+
+    def outputs(self, forward: SharedForward) -> MIOutputs:
+        """p_X = softmax(Z(x)/T), p_Y = softmax(Z(R(x))/T), the (B, K, K) table softmax(Z(G(E(x), e_j))/T) and
+        every information quantity, from the shared pass (R: this detector's reformer, else the defense's).
+        Detectors that differ only in ``quantity`` share them."""
+        def compute():
+            p_x = softmax_t(forward.logits, self.temperature)
+            p_y = softmax_t(forward.reformed_logits(self.reformer), self.temperature)
+            table = softmax_t(forward.conditional_logits(self.encoder, self.generator), self.temperature)
+            return MIOutputs(_mi_quantities(p_x, p_y, table, self.reading), p_x, p_y, table)
+        key = ("mi", self.reformer or forward.reformer, self.encoder, self.generator, float(self.temperature),
+               self.reading)
+        return forward.memo(key, compute)
+
+    def score(self, forward: SharedForward) -> jnp.ndarray:
+        """(B,) the configured quantity (d_J by default)."""
+        return getattr(self.outputs(forward).quantities, self.quantity)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,24 +194,12 @@ def defense_forward(spec: Spec, applies: Mapping[str, Apply], params: Mapping[st
     """
     magnet = _magnet_of(spec)
     check_networks(spec.network_keys, applies, params)
-    out: MagNetOutputs = magnet_forward(magnet, applies, params, x)
+    forward = SharedForward(applies, params, x, classifier=magnet.classifier, reformer=magnet.reformer)
+    out: MagNetOutputs = magnet_outputs(magnet, forward)
     if not isinstance(spec, MIMagNet):
         return DefenseOutputs(out.scores, out.logits, out.reformed, out.reformed_logits, None)
-    mi = spec.mi
-    clf = applies[magnet.classifier]
-    clf_params = params[magnet.classifier]
-    if spec.mi_reformer == magnet.reformer:
-        logits_r = out.reformed_logits
-    else:
-        logits_r = clf(clf_params, jnp.clip(applies[spec.mi_reformer](params[spec.mi_reformer], x), 0.0, 1.0))
-    p_x = softmax_t(out.logits, mi.temperature)
-    p_y = softmax_t(logits_r, mi.temperature)
-    table = conditional_table(clf, clf_params, applies[mi.encoder], params[mi.encoder], applies[mi.generator],
-                              params[mi.generator], x, out.logits.shape[1], mi.temperature)
-    mi_out = MIOutputs(_mi_quantities(p_x, p_y, table, mi.reading), p_x, p_y, table)
-    scores = dict(out.scores)
-    scores[mi.name] = mi_out.quantities.jaccard
-    return DefenseOutputs(scores, out.logits, out.reformed, out.reformed_logits, mi_out)
+    scores = {**out.scores, spec.mi.name: spec.mi.score(forward)}
+    return DefenseOutputs(scores, out.logits, out.reformed, out.reformed_logits, spec.mi.outputs(forward))
 
 
 def make_defense_fn(spec: Spec, applies: Mapping[str, Apply], check_range: bool = True

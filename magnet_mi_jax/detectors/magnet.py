@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from magnet_mi_jax.detectors import _checks
+from magnet_mi_jax.detectors.forward import SharedForward, check_detector
 from magnet_mi_jax.detectors.thresholds import check_rate
 from magnet_mi_jax.utils import map_batches  # re-exported: the detectors' batch runner
 
@@ -311,6 +312,14 @@ class ReconstructionDetector:
         _check_detector(self)
         _checks.check_temperature(self.p, "p")
 
+    @property
+    def networks(self) -> tuple[str, ...]:
+        return (self.autoencoder,)
+
+    def score(self, forward: SharedForward) -> jnp.ndarray:
+        """(B,) mean |x - AE(x)|^p."""
+        return reconstruction_error(forward.x, forward.reconstruction(self.autoencoder), self.p)
+
 
 @dataclasses.dataclass(frozen=True)
 class JSDDetector:
@@ -334,8 +343,16 @@ class JSDDetector:
         _check_detector(self)
         _checks.check_temperature(self.temperature)
 
+    @property
+    def networks(self) -> tuple[str, ...]:
+        return (self.autoencoder,)
 
-Detector = Union[ReconstructionDetector, JSDDetector]
+    def score(self, forward: SharedForward) -> jnp.ndarray:
+        """(B,) JSD(softmax(Z(x)/T), softmax(Z(R(x))/T)), from the logits (cancellation-free)."""
+        return _jsd_from_logits(forward.logits, forward.reformed_logits(self.autoencoder), float(self.temperature))
+
+
+Detector = Union[ReconstructionDetector, JSDDetector]     # MagNet's two kinds; any detector class works
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,8 +373,7 @@ class MagNet:
         dets = tuple(self.detectors)
         object.__setattr__(self, "detectors", dets)
         for d in dets:
-            if not isinstance(d, (ReconstructionDetector, JSDDetector)):
-                raise TypeError(f"unknown detector {d!r}")
+            check_detector(d)
         names = [d.name for d in dets]
         if len(set(names)) != len(names):
             raise ValueError(f"detector names must be distinct, got {names}")
@@ -371,7 +387,7 @@ class MagNet:
     @property
     def network_keys(self) -> tuple[str, ...]:
         """Every key this defense reads from ``applies`` and ``params``."""
-        keys = [self.classifier, self.reformer] + [d.autoencoder for d in self.detectors]
+        keys = [self.classifier, self.reformer] + [k for d in self.detectors for k in d.networks]
         return tuple(dict.fromkeys(keys))
 
 
@@ -432,34 +448,15 @@ def magnet_forward(spec: MagNet, applies: Mapping[str, Apply], params: Mapping[s
       :class:`MagNetOutputs`.
     """
     check_networks(spec.network_keys, applies, params)
-    x = _checks.check_images(x)
-    z = lambda v: applies[spec.classifier](params[spec.classifier], v)  # noqa: E731
-    recon, reformed_logits = {}, {}
+    return magnet_outputs(spec, SharedForward(applies, params, x, classifier=spec.classifier, reformer=spec.reformer))
 
-    def ae(key):
-        if key not in recon:
-            out = applies[key](params[key], x)
-            chex.assert_equal_shape([out, x])
-            recon[key] = out
-        return recon[key]
 
-    def z_reformed(key):
-        if key not in reformed_logits:
-            reformed_logits[key] = z(jnp.clip(ae(key), 0.0, 1.0))
-        return reformed_logits[key]
-
-    logits = z(x)
-    chex.assert_rank(logits, 2)
-    chex.assert_axis_dimension(logits, 0, x.shape[0])
-    scores = {}
-    for det in spec.detectors:  # static loop over the (2-3) configured detectors, unrolled at trace time
-        if isinstance(det, ReconstructionDetector):
-            scores[det.name] = reconstruction_error(x, ae(det.autoencoder), det.p)
-        else:
-            scores[det.name] = _jsd_from_logits(logits, z_reformed(det.autoencoder), float(det.temperature))
-    reformed = jnp.clip(ae(spec.reformer), 0.0, 1.0)
-    return MagNetOutputs(scores=scores, logits=logits, reformed=reformed,
-                         reformed_logits=z_reformed(spec.reformer))
+def magnet_outputs(spec: MagNet, forward: SharedForward) -> MagNetOutputs:
+    """:class:`MagNetOutputs` of ``spec`` read from a shared forward pass: every detector's ``score(forward)``
+    (a static loop over the configured detectors, unrolled at trace time), Z(x), R(x) and Z(R(x))."""
+    scores = {det.name: det.score(forward) for det in spec.detectors}
+    return MagNetOutputs(scores=scores, logits=forward.logits, reformed=forward.reformed(spec.reformer),
+                         reformed_logits=forward.reformed_logits(spec.reformer))
 
 
 def make_magnet_fn(spec: MagNet, applies: Mapping[str, Apply]) -> Callable[[Mapping[str, Any], Any], MagNetOutputs]:
