@@ -1,6 +1,10 @@
-"""MagNet on natural test images: thresholds from the validation split, clean accuracy, false positives.
+"""MagNet (or MI-MagNet) on natural test images: thresholds from the validation split, clean accuracy, false
+positives.
 
-    python -m eval.magnet_clean --dataset mnist [--data-dir D] [--checkpoints C] [--json out.json]
+    python -m eval.magnet_clean --dataset mnist [--mi] [--data-dir D] [--checkpoints C] [--json out.json]
+
+The defense is the dataset config's (:mod:`magnet_mi_jax.datasets`): its MagNet preset, or with ``--mi`` the
+same with its MI detector added (the detectors the tables evaluate).
 
 Calibrates every detector of the dataset's MagNet preset (docs/design.md, section 4) on the 5,000 validation images
 (threshold = n-th largest natural score, n = floor(N r)), then on the 10,000 test images reports
@@ -26,16 +30,16 @@ import numpy as np
 from magnet_mi_jax import checkpoint, cli, data, datasets
 from eval.protocol import check_cards_against_data, load_networks
 from eval.report import paper_clean
-from magnet_mi_jax.detectors import (MagNet, calibrate, clean_accuracy, decide, flags,
+from magnet_mi_jax.detectors import (MagNet, MIMagNet, calibrate, clean_accuracy, decide, flags,
                                      make_defense_fn, map_batches, num_rejected)
 
-def evaluate_clean(spec: MagNet, applies: Mapping[str, Any], params: Mapping[str, Any], ds: data.Dataset,
+def evaluate_clean(spec: MagNet | MIMagNet, applies: Mapping[str, Any], params: Mapping[str, Any], ds: data.Dataset,
                    batch_size: int = 500, val_limit: Optional[int] = None,
                    test_limit: Optional[int] = None) -> dict[str, Any]:
     """Calibrates ``spec`` on ``ds``'s validation split and measures it on the test split.
 
     Args:
-      spec: a MagNet defense.
+      spec: a MagNet defense, or MI-MagNet.
       applies: key -> apply function; params: key -> parameters.
       ds: the dataset (MagNet split).
       batch_size: images per jitted call.
@@ -86,18 +90,20 @@ def evaluate_clean(spec: MagNet, applies: Mapping[str, Any], params: Mapping[str
 
 def format_report(dataset: str, result: Mapping[str, Any]) -> str:
     paper = paper_clean(dataset)
+    defense = result.get("defense", "magnet")
+    title = {"magnet": "MagNet", "mi_magnet": "MI-MagNet"}[defense]
     acc = result["clean_accuracy"]
     cfgs = {name: ", ".join(f"{k}={v}" for k, v in d["config"].items() if k != "calibration_size")
             for name, d in result["detectors"].items()}
     w = max(len(c) for c in cfgs.values()) if cfgs else 6
-    lines = [f"MagNet on clean {dataset} test images ({result['n_test']} test, {result['n_val']} validation)",
+    lines = [f"{title} on clean {dataset} test images ({result['n_test']} test, {result['n_val']} validation)",
              "", f"{'detector':<10} {'config':<{w}} {'threshold':>12} {'val FPR':>8} {'test FPR':>9}"]
     for name, d in result["detectors"].items():
         lines.append(f"{name:<10} {cfgs[name]:<{w}} {d['threshold']:>12.6g} {100 * d['val_fpr']:>7.2f}% "
                      f"{100 * d['test_fpr']:>8.2f}%")
     lines += [f"{'any':<10} {'':<{w}} {'':>12} {'':>8} {100 * result['test_fpr_any']:>8.2f}%", "",
               f"clean accuracy, detectors + reformer: {100 * acc['both']:.2f}%"
-              + (f"   (paper {paper['magnet']:.2f}%)" if paper else ""),
+              + (f"   (paper {paper[defense]:.2f}%)" if paper else ""),
               f"clean accuracy, detectors only:       {100 * acc['detector_only']:.2f}%",
               f"clean accuracy, reformer only:        {100 * acc['reformer_only']:.2f}%",
               f"clean accuracy, no defense:           {100 * acc['none']:.2f}%"
@@ -114,11 +120,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--val-limit", type=int, default=None, help="smoke tests: calibrate on N validation images")
     parser.add_argument("--test-limit", type=int, default=None, help="smoke tests: evaluate on N test images")
     parser.add_argument("--json", default=None, help="also write the result as JSON to this file")
+    parser.add_argument("--mi", action="store_true",
+                        help="MI-MagNet: the dataset's MagNet preset with its MI detector (needs the generator)")
     args = parser.parse_args(argv)
 
-    spec = datasets.get(args.dataset).magnet
+    config = datasets.get(args.dataset)
+    spec = config.mi_magnet() if args.mi else config.magnet
+    names = config.magnet.network_keys + ((config.generator,) if args.mi else ())
     try:
-        applies, params, cards = load_networks(args.dataset, args.checkpoints, names=spec.network_keys)
+        applies, params, cards = load_networks(args.dataset, args.checkpoints, names=names)
     except checkpoint.CheckpointError as err:
         parser.exit(2, f"error: {err}\n")
     try:
@@ -128,7 +138,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         parser.exit(2, f"error: {err}\n")
     start = time.time()
     result = evaluate_clean(spec, applies, params, ds, args.batch_size, args.val_limit, args.test_limit)
-    result.update(dataset=args.dataset, seconds=round(time.time() - start, 1),
+    result.update(dataset=args.dataset, defense="mi_magnet" if args.mi else "magnet", seconds=round(time.time() - start, 1),
                   **cli.provenance(cli.command_line("eval.magnet_clean", argv), ds),
                   models={k: {kk: c.get(kk) for kk in ("command", "git_commit", "metrics") if kk in c}
                           for k, c in cards.items()})

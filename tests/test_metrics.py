@@ -204,5 +204,18 @@ def test_magnet_clean_command_on_saved_small_models(tmp_path, data_dir, capsys):
     assert "(paper 99.13%)" in printed
     assert res["detectors"]["I"]["n_rejected_target"] == 1          # floor(1000 * 0.001)
     assert out_json.is_file() and '"thresholds"' in out_json.read_text()
+    # --mi: the same command on the dataset's MI-MagNet (the tables' detectors), with an untrained generator.
+    from magnet_mi_jax.models import alpha_gan
+    gan = alpha_gan.mnist_alpha_gan()
+    checkpoint.save_params(tmp_path / "mnist" / "generator", alpha_gan.init_params(gan, jax.random.key(3)),
+                           {"command": "test"})
+    mi = magnet_clean.main(["--dataset", "mnist", "--data-dir", str(data_dir), "--source", "files", "--mi",
+                            "--checkpoints", str(tmp_path), "--val-limit", "1000", "--test-limit", "100",
+                            "--batch-size", "100"])
+    assert "MI-MagNet on clean mnist test images" in capsys.readouterr().out
+    assert list(mi["detectors"]) == ["I", "II", "MI"] and mi["defense"] == "mi_magnet"
+    assert mi["detectors"]["MI"]["n_rejected_target"] == 5            # floor(1000 * 0.005)
+    assert mi["thresholds"]["I"] == res["thresholds"]["I"]            # MagNet's detectors unchanged by MI
+    assert mi["clean_accuracy"]["both"] <= res["clean_accuracy"]["both"]      # one more detector rejects more
     with pytest.raises(SystemExit):
         magnet_clean.main(["--dataset", "mnist", "--checkpoints", str(tmp_path / "nowhere")])
