@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval import detector_auc, protocol
+from eval import protocol, scoring
 from magnet_mi_jax import checkpoint, cli, data, datasets
 from magnet_mi_jax.attacks import registry
 from magnet_mi_jax.detectors import calibrate, make_defense_fn, map_batches
@@ -74,18 +74,18 @@ def load_cells(results: Sequence[str | Path], ds: data.Dataset, classifier_param
     """
     cells, commands = {}, []
     for folder in map(Path, results):
-        table = detector_auc.read_table(folder)
+        table = scoring.read_table(folder)
         if table["config"].get("dataset") != ds.name:
-            raise detector_auc.AnalysisError(f"{folder / 'table.json'} is a {table['config'].get('dataset')} run")
-        config = detector_auc._tables_config(table)
+            raise scoring.AnalysisError(f"{folder / 'table.json'} is a {table['config'].get('dataset')} run")
+        config = scoring.tables_config(table)
         labels = ds.test_y[np.asarray(table["indices"], np.int64)]
-        for key, cell in detector_auc.load_cells(folder, table, ds, classifier_params).items():
+        for key, cell in scoring.load_cells(folder, table, ds, classifier_params).items():
             if key in cells:
-                raise detector_auc.AnalysisError(f"cell {key[0]}/{key[1]:g} is given by two runs")
-            shards = [detector_auc._shard_from_name(n, config) for n in table["cells"][f"{key[0]}/{key[1]:g}"]["shards"]]
+                raise scoring.AnalysisError(f"cell {key[0]}/{key[1]:g} is given by two runs")
+            shards = [scoring.shard_from_name(n, config) for n in table["cells"][f"{key[0]}/{key[1]:g}"]["shards"]]
             rows = np.concatenate([np.arange(s.start, s.stop) for s in shards])
             if len(rows) != len(cell["adv"]):
-                raise detector_auc.AnalysisError(f"cell {key[0]}/{key[1]:g} of {folder}: its shards hold "
+                raise scoring.AnalysisError(f"cell {key[0]}/{key[1]:g} of {folder}: its shards hold "
                                                  f"{len(cell['adv'])} images, their names say {len(rows)}")
             cells[key] = {**cell, "labels": labels[rows]}
         commands.append(table.get("command") or "")
@@ -111,13 +111,13 @@ def study_generator(dataset_name: str, applies: Mapping[str, Any], params: Mappi
     :func:`plot` draws (group -> score -> values)."""
     magnet = datasets.get(dataset_name).magnet
     k = int(np.max(ds.test_y)) + 1
-    score_fn = detector_auc.make_score_fn(magnet, applies, temperatures)
+    score_fn = scoring.make_score_fn(magnet, applies, temperatures)
     cond = jax.jit(functools.partial(conditional_logits, applies["classifier"], params["classifier"],
                                      applies["encoder"], params["encoder"], applies["generator"],
                                      params["generator"], num_classes=k))
 
     def scores_of(x: np.ndarray) -> dict[str, np.ndarray]:
-        flat = detector_auc.flatten_scores(map_batches(lambda v: score_fn(params, v), x, batch_size), temperatures)
+        flat = scoring.flatten_scores(map_batches(lambda v: score_fn(params, v), x, batch_size), temperatures)
         flat["offdiag_T1"] = np.asarray(map_batches(lambda v: off_diagonal(cond(v)), x, batch_size), np.float64)
         return flat
 
@@ -126,7 +126,7 @@ def study_generator(dataset_name: str, applies: Mapping[str, Any], params: Mappi
     for key, cell in cells.items():
         ok = cell["success"].astype(bool)
         adversarial[key] = scores_of(cell["adv"][ok]) if ok.any() else {n: np.zeros(0) for n in natural}
-    metrics = detector_auc.analyse(natural, adversarial, fpr)
+    metrics = scoring.analyse(natural, adversarial, fpr)
 
     attacks = list(dict.fromkeys(a for a, _ in cells))
     pooled_adv = {a: {n: np.concatenate([adversarial[key][n] for key in cells if key[0] == a]) for n in natural}
@@ -161,8 +161,8 @@ def study_generator(dataset_name: str, applies: Mapping[str, Any], params: Mappi
 
 def run(dataset_name: str, generators: Mapping[str, str], results: Sequence[str | Path], *,
         checkpoints: str | None = None, data_dir: str | None = None, source: str = "auto", dataset: data.Dataset | None = None,
-        n_natural: int = detector_auc.DEFAULT_N_NATURAL,
-        temperatures: Sequence[float] = detector_auc.DEFAULT_TEMPERATURES, fpr: float = detector_auc.DEFAULT_FPR,
+        n_natural: int = scoring.DEFAULT_N_NATURAL,
+        temperatures: Sequence[float] = scoring.DEFAULT_TEMPERATURES, fpr: float = scoring.DEFAULT_FPR,
         batch_size: int = 250, command: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
     """Studies every generator on the cells of ``results`` (finished ``eval.tables`` runs sharing one
     classifier); returns (the samples :func:`plot` draws, the JSON result); writes no file.
@@ -174,9 +174,9 @@ def run(dataset_name: str, generators: Mapping[str, str], results: Sequence[str 
         raise ValueError("give at least one generator")
     ds = dataset if dataset is not None else data.load_dataset(dataset_name, data_dir=data_dir, source=source)
     if not 1 <= n_natural <= len(ds.val_x):
-        raise detector_auc.AnalysisError(f"n_natural={n_natural}, but the validation split has {len(ds.val_x)} images")
-    first = detector_auc.read_table(Path(results[0]))
-    base = checkpoints if checkpoints is not None else detector_auc.run_checkpoints(first)
+        raise scoring.AnalysisError(f"n_natural={n_natural}, but the validation split has {len(ds.val_x)} images")
+    first = scoring.read_table(Path(results[0]))
+    base = checkpoints if checkpoints is not None else scoring.run_checkpoints(first)
     applies, params, cards = protocol.load_networks(dataset_name, base,
                                                   names=datasets.get(dataset_name).magnet.network_keys)
     protocol.check_cards_against_data(cards, ds)
@@ -295,8 +295,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--generators", nargs="+", required=True, help="name=checkpoint_root items")
     parser.add_argument("--results", nargs="+", required=True, help="finished eval.tables runs (one classifier)")
     parser.add_argument("--out", required=True, help="output path without extension (.md, .json, .png)")
-    parser.add_argument("--n-natural", dest="n_natural", type=int, default=detector_auc.DEFAULT_N_NATURAL)
-    parser.add_argument("--fpr", type=float, default=detector_auc.DEFAULT_FPR)
+    parser.add_argument("--n-natural", dest="n_natural", type=int, default=scoring.DEFAULT_N_NATURAL)
+    parser.add_argument("--fpr", type=float, default=scoring.DEFAULT_FPR)
     parser.add_argument("--batch-size", dest="batch_size", type=int, default=250)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing study at --out")
     args = parser.parse_args(argv)
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         samples, result = run(args.dataset, generators, args.results, checkpoints=args.checkpoints,
                               data_dir=args.data_dir, source=args.source,
                      n_natural=args.n_natural, fpr=args.fpr, batch_size=args.batch_size, command=command)
-    except (detector_auc.AnalysisError, checkpoint.CheckpointError, data.DataError) as err:
+    except (scoring.AnalysisError, checkpoint.CheckpointError, data.DataError) as err:
         parser.exit(2, f"error: {err}\n")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eval import detector_auc, protocol
+from eval import detector_auc, protocol, scoring
 from magnet_mi_jax import checkpoint, data
 from magnet_mi_jax.attacks import registry
 from magnet_mi_jax.detectors import MNIST_MAGNET, magnet_forward, roc_auc, softmax_t
-from magnet_mi_jax.detectors.mi import READINGS, conditional_table, mi_quantities
+from magnet_mi_jax.detectors.mi import READINGS, conditional_logits, conditional_table, mi_quantities
 from magnet_mi_jax.models import MnistClassifier, alpha_gan, mnist_ae_i, mnist_ae_ii
 
 N_NAT = 40          # natural validation images
@@ -145,9 +145,9 @@ def test_scores_equal_per_t_library_calls_and_pin_the_aucs(synthetic, mnist):
     _, _, ckpt, _, out = synthetic
     applies, params, _ = protocol.load_networks("mnist", str(ckpt))
     x = jnp.asarray(np.concatenate([mnist.val_x[:N_NAT], np.ones((1, 28, 28, 1), np.float32)]))  # naturals, ones
-    got = detector_auc.make_score_fn(MNIST_MAGNET, applies, TEMPS)(params, x)
+    got = scoring.make_score_fn(MNIST_MAGNET, applies, TEMPS)(params, x)
     fwd = magnet_forward(MNIST_MAGNET, applies, params, x)
-    logits = detector_auc.conditional_logits(applies["classifier"], params["classifier"], applies["encoder"],
+    logits = conditional_logits(applies["classifier"], params["classifier"], applies["encoder"],
                                              params["encoder"], applies["generator"], params["generator"], x, 10)
     assert logits.shape == (N_NAT + 1, 10, 10)
     for name in ("I", "II"):
@@ -164,8 +164,8 @@ def test_scores_equal_per_t_library_calls_and_pin_the_aucs(synthetic, mnist):
             reference[f"HXgY_T{t:g}"] = want.h_x_given_y
             for name in (f"dJ_{r}_T{t:g}", f"MI_{r}_T{t:g}", f"HXgY_T{t:g}"):
                 np.testing.assert_allclose(got[name], reference[name], rtol=1e-5, atol=1e-6, err_msg=name)
-    flat = detector_auc.flatten_scores(jax.device_get(got), TEMPS)
-    assert list(flat) == list(detector_auc.score_names(MNIST_MAGNET, TEMPS)) and set(flat) == set(got)
+    flat = scoring.flatten_scores(jax.device_get(got), TEMPS)
+    assert list(flat) == list(scoring.score_names(MNIST_MAGNET, TEMPS)) and set(flat) == set(got)
     np.testing.assert_array_equal(flat["dJ_consistent_T10"], np.asarray(got["dJ_consistent_T10"]))
 
     # The report scored the 40 naturals and 30 identical all-ones images in other batches. Pairs closer than
@@ -190,23 +190,23 @@ def test_scores_equal_per_t_library_calls_and_pin_the_aucs(synthetic, mnist):
 def test_clear_errors(synthetic, tmp_path, mnist):
     root, results, ckpt, table, _ = synthetic
     kwargs = dict(dataset_name="mnist", dataset=mnist, n_natural=N_NAT, fpr=FPR, batch_size=20)
-    with pytest.raises(detector_auc.AnalysisError, match="results folder .*nowhere does not exist"):
+    with pytest.raises(scoring.AnalysisError, match="results folder .*nowhere does not exist"):
         detector_auc.run(tmp_path / "nowhere", **kwargs)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(detector_auc.AnalysisError, match="table.json is missing"):
+    with pytest.raises(scoring.AnalysisError, match="table.json is missing"):
         detector_auc.run(tmp_path / "empty", **kwargs)
-    with pytest.raises(detector_auc.AnalysisError, match="is a mnist run, not cifar10"):
+    with pytest.raises(scoring.AnalysisError, match="is a mnist run, not cifar10"):
         detector_auc.run(results, **{**kwargs, "dataset_name": "cifar10"})
     # A missing shard names the cell and the file.
     broken = tmp_path / "broken"
     (broken / "cache").mkdir(parents=True)
     (broken / "table.json").write_text(json.dumps(table))
-    with pytest.raises(detector_auc.AnalysisError, match=r"cell cw_l2/0: attack shard .*cw_kappa0_s000_.*missing"):
+    with pytest.raises(scoring.AnalysisError, match=r"cell cw_l2/0: attack shard .*cw_kappa0_s000_.*missing"):
         detector_auc.run(broken, **kwargs)
     # Other attacked indices (or another classifier) -> another cache key: refused unless asked.
     moved = dict(table, indices=[i + 1 for i in table["indices"]])
     (broken / "table.json").write_text(json.dumps(moved))
-    with pytest.raises(detector_auc.AnalysisError, match="made for other classifier weights"):
+    with pytest.raises(scoring.AnalysisError, match="made for other classifier weights"):
         detector_auc.run(broken, **kwargs)
     # The CLI turns these into a one-line error and exit status 2.
     with pytest.raises(SystemExit) as exc:
