@@ -10,6 +10,22 @@ import jax
 import numpy as np
 
 
+def all_conditions(z, num_classes: int):
+    """Every code against every condition, for one batched generator call: ``(z_all, y_all)``.
+
+    Args:
+      z: (B, Dz) codes.
+      num_classes: K.
+
+    Returns:
+      z_all (B*K, Dz) and y_all (B*K, K) one-hot, example-major: row ``b*K + j`` holds (z_b, e_j), so the
+      generator's output reshapes to (B, K, ...) with entry [b, j] generated under condition j.
+    """
+    import jax.numpy as jnp
+    k = int(num_classes)
+    return jnp.repeat(z, k, axis=0), jnp.tile(jnp.eye(k, dtype=z.dtype), (z.shape[0], 1))
+
+
 def map_batches(fn: Callable, x, batch_size: int = 500):
     """Applies a batch function to ``x`` in chunks of one shape and concatenates the outputs (any pytree).
 

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 
 from magnet_mi_jax.detectors import _checks
 from magnet_mi_jax.detectors.magnet import softmax_t
+from magnet_mi_jax.utils import all_conditions
 
 __all__ = [
     "READINGS", "entropy", "conditional_entropy", "joint_entropy", "mutual_information", "jaccard_distance",
@@ -269,8 +270,9 @@ def conditional_logits(classifier: Apply, classifier_params: Any, encoder: Apply
                        generator: Apply, generator_params: Any, x, num_classes: int) -> jnp.ndarray:
     """L[b, j, :] = Z(G(E(x_b), e_j)) for every condition j, in one batched pass.
 
-    The latent codes z = E(x) (B, Dz) are tiled to (K * B, Dz) (condition-major: row j * B + b holds
-    (z_b, e_j)), so the generator and the classifier each run once on K * B rows.
+    The latent codes z = E(x) (B, Dz) are tiled against the K one-hot conditions by
+    :func:`magnet_mi_jax.utils.all_conditions` (row b * K + j holds (z_b, e_j), as the alpha-GAN's
+    ``generate_all_conditions``), so the generator and the classifier each run once on B * K rows.
 
     Args:
       classifier: ``Z(params, images) -> logits (N, K)``.
@@ -292,14 +294,13 @@ def conditional_logits(classifier: Apply, classifier_params: Any, encoder: Apply
     z = encoder(encoder_params, x)
     chex.assert_rank(z, 2)
     chex.assert_axis_dimension(z, 0, b)
-    z_all = jnp.broadcast_to(z[None], (k, b, z.shape[1])).reshape(k * b, z.shape[1])        # (K*B, Dz)
-    y_all = jnp.repeat(jnp.eye(k, dtype=z.dtype), b, axis=0)                                # (K*B, K)
-    images = generator(generator_params, z_all, y_all)                                      # (K*B, H, W, C)
+    z_all, y_all = all_conditions(z, k)                                                     # (B*K, Dz), (B*K, K)
+    images = generator(generator_params, z_all, y_all)                                      # (B*K, H, W, C)
     chex.assert_rank(images, 4)
     chex.assert_axis_dimension(images, 0, k * b)
-    logits = classifier(classifier_params, images)                                          # (K*B, K)
+    logits = classifier(classifier_params, images)                                          # (B*K, K)
     chex.assert_shape(logits, (k * b, k))
-    return jnp.transpose(logits.reshape(k, b, k), (1, 0, 2))                                # [b, j, i]
+    return logits.reshape(b, k, k)                                                          # [b, j, i]
 
 
 def conditional_table(classifier: Apply, classifier_params: Any, encoder: Apply, encoder_params: Any,

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from magnet_mi_jax.models.layers import Conv
+from magnet_mi_jax.utils import all_conditions
 
 NETWORKS = ("encoder", "generator", "discriminator", "code_discriminator")
 
@@ -239,12 +240,10 @@ def generate_all_conditions(module: ConditionalAlphaGAN, params: Any, x: jnp.nda
 
     One generator call on B*K rows (the code of each image repeated K times against the K one-hot rows).
     """
-    k = module.num_classes
     z = encoder_fn(module)(params, x)                                    # (B, Dz)
-    zs = jnp.repeat(z, k, axis=0)                                        # (B*K, Dz), row b*K + j
-    ys = jnp.tile(jnp.eye(k, dtype=z.dtype), (z.shape[0], 1))            # (B*K, K), row b*K + j is e_j
+    zs, ys = all_conditions(z, module.num_classes)                       # (B*K, Dz), (B*K, K): row b*K + j
     images = generator_fn(module)(params, zs, ys)
-    return images.reshape(z.shape[0], k, *images.shape[1:])
+    return images.reshape(z.shape[0], module.num_classes, *images.shape[1:])
 
 
 def conditional_accuracy(logits: jnp.ndarray) -> jnp.ndarray:
