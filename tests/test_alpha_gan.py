@@ -262,3 +262,22 @@ def test_generator_variants_are_named_configs():
     assert not between.code_label and between.image_label and between.classes > 0
     with pytest.raises(ValueError, match="unknown generator variant 'plain'"):
         generator.variant_config("mnist", "plain")
+
+
+def test_figure_command_writes_the_grid_and_scores_it_with_a_classifier_if_there_is_one(tmp_path, data_dir):
+    from eval import figure_generator
+    from magnet_mi_jax.models import MnistClassifier
+    gan = alpha_gan.mnist_alpha_gan()
+    checkpoint.save_params(tmp_path / "mnist" / "generator", alpha_gan.init_params(gan, jax.random.key(0)),
+                           {"command": "test", "config": {"variant": "paper"}})
+    args = ["--dataset", "mnist", "--data-dir", str(data_dir), "--checkpoints", str(tmp_path), "--rows", "2",
+            "--eval-images", "20"]
+    without = figure_generator.main(args + ["--out", str(tmp_path / "a.png")])
+    assert without.get("conditional_accuracy") is None and (tmp_path / "a.png").is_file()
+    assert without["generator_variant"] == "paper" and len(without["test_indices"]) == 2
+    checkpoint.save_params(tmp_path / "mnist" / "classifier",
+                           checkpoint.init_params(MnistClassifier(), "mnist", jax.random.key(1)), {"command": "test"})
+    scored = figure_generator.main(args + ["--out", str(tmp_path / "b.png")])
+    assert 0.0 <= scored["conditional_accuracy"] <= 1.0 and len(scored["conditional_accuracy_per_class"]) == 10
+    assert scored["reconstruction_l1"] == without["reconstruction_l1"]             # the same generator
+    assert json.loads((tmp_path / "b.json").read_text())["conditional_accuracy"] == scored["conditional_accuracy"]

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from magnet_mi_jax import checkpoint
-from magnet_mi_jax.models import CifarClassifier, MnistClassifier, cifar_ae, mnist_ae_i, mnist_ae_ii
+from magnet_mi_jax.models import CifarClassifier, MnistClassifier, alpha_gan, cifar_ae, mnist_ae_i, mnist_ae_ii
 from train import autoencoder, classifier, common, trainer
 
 
@@ -362,7 +362,7 @@ def test_shipped_weights_measure_what_their_cards_claim(mnist):
              == card["metrics"]["classifier"]["command"]]
     assert named, "the generator's card names a classifier that is neither shipped nor a shipped variant"
     classify, _ = generator.load_classifier("mnist", named[0])
-    measured = generator.measure(module, params, mnist.test_x[:1000], mnist.test_y[:1000], classify)
+    measured = alpha_gan.measure(module, params, mnist.test_x[:1000], mnist.test_y[:1000], classify)
     assert card["metrics"]["eval_images"] == "first 1000 test images"
     assert measured["conditional_accuracy"] == pytest.approx(card["metrics"]["conditional_accuracy"], abs=2e-3)
     assert measured["reconstruction_l1"] == pytest.approx(card["metrics"]["test_reconstruction_l1"], rel=1e-3)

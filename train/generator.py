@@ -43,7 +43,6 @@ import numpy as np
 
 from magnet_mi_jax import checkpoint, datasets
 from magnet_mi_jax.models import alpha_gan
-from magnet_mi_jax.utils import map_batches
 from train import alpha_gan_step, common, trainer
 
 
@@ -151,30 +150,6 @@ def classifier_root(args) -> str | None:
     return args.checkpoints if own.is_dir() else None
 
 
-_all_conditions = jax.jit(alpha_gan.generate_all_conditions, static_argnums=0)
-
-
-def measure(module, params, images: np.ndarray, labels: np.ndarray, classify=None, batch_size: int = 100) -> dict:
-    """Reconstruction error and (with a classifier) conditional accuracy on ``images``.
-
-    Returns ``reconstruction_l1`` = mean |x - G(E(x), y)|; with ``classify`` also ``conditional_accuracy``
-    (over all K conditions), ``conditional_accuracy_per_class`` (K values) and ``reconstruction_accuracy``.
-    """
-    k = module.num_classes
-    generations = map_batches(lambda x: _all_conditions(module, params, x), images, batch_size)  # (N,K,H,W,C)
-    rec = generations[np.arange(len(images)), labels]
-    out = {"reconstruction_l1": float(np.mean(np.abs(images - rec)))}
-    if classify is not None:
-        flat = generations.reshape(-1, *generations.shape[2:])
-        logits = map_batches(classify, flat, 1000).reshape(len(images), k, -1)
-        hits = np.argmax(logits, -1) == np.arange(k)[None, :]                                # (N, K)
-        out["conditional_accuracy"] = float(alpha_gan.conditional_accuracy(jnp.asarray(logits)))
-        out["conditional_accuracy_per_class"] = [float(v) for v in hits.mean(0)]
-        out["reconstruction_accuracy"] = float(np.mean(np.argmax(logits[np.arange(len(images)), labels], -1)
-                                                       == labels))
-    return out
-
-
 def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     parser = common.base_parser(__doc__.splitlines()[0])
@@ -212,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_eval = config.eval_images
 
     def evaluate(params):
-        m = measure(module, averaged(params), ds.val_x[:n_eval], ds.val_y[:n_eval], classify)
+        m = alpha_gan.measure(module, averaged(params), ds.val_x[:n_eval], ds.val_y[:n_eval], classify)
         return {k: v for k, v in m.items() if not isinstance(v, list)}
 
     update_fn = make_update_fn(module, config)
@@ -222,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  evaluate, desc=f"{args.dataset} generator",
                                  run_config=run_config)
     final = averaged(state.params)
-    test = measure(module, final, ds.test_x[:n_eval], ds.test_y[:n_eval], classify)
+    test = alpha_gan.measure(module, final, ds.test_x[:n_eval], ds.test_y[:n_eval], classify)
     for key in ("conditional_accuracy", "conditional_accuracy_per_class", "reconstruction_accuracy"):
         test.setdefault(key, None)          # no classifier: recorded as null
     metrics = {

@@ -33,9 +33,10 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from magnet_mi_jax.models.layers import Conv
-from magnet_mi_jax.utils import all_conditions
+from magnet_mi_jax.utils import all_conditions, map_batches
 
 NETWORKS = ("encoder", "generator", "discriminator", "code_discriminator")
 
@@ -259,3 +260,27 @@ def conditional_accuracy(logits: jnp.ndarray) -> jnp.ndarray:
         raise ValueError(f"logits must be (B, K, K') with K <= K', got {tuple(logits.shape)}")
     hits = jnp.argmax(logits, axis=-1) == jnp.arange(logits.shape[1])[None, :]
     return jnp.mean(hits.astype(jnp.float32))
+
+
+_all_conditions = jax.jit(generate_all_conditions, static_argnums=0)
+
+
+def measure(module, params, images: np.ndarray, labels: np.ndarray, classify=None, batch_size: int = 100) -> dict:
+    """Reconstruction error and (with a classifier) conditional accuracy on ``images``.
+
+    Returns ``reconstruction_l1`` = mean |x - G(E(x), y)|; with ``classify`` also ``conditional_accuracy``
+    (over all K conditions), ``conditional_accuracy_per_class`` (K values) and ``reconstruction_accuracy``.
+    """
+    k = module.num_classes
+    generations = map_batches(lambda x: _all_conditions(module, params, x), images, batch_size)  # (N,K,H,W,C)
+    rec = generations[np.arange(len(images)), labels]
+    out = {"reconstruction_l1": float(np.mean(np.abs(images - rec)))}
+    if classify is not None:
+        flat = generations.reshape(-1, *generations.shape[2:])
+        logits = map_batches(classify, flat, 1000).reshape(len(images), k, -1)
+        hits = np.argmax(logits, -1) == np.arange(k)[None, :]                                # (N, K)
+        out["conditional_accuracy"] = float(conditional_accuracy(jnp.asarray(logits)))
+        out["conditional_accuracy_per_class"] = [float(v) for v in hits.mean(0)]
+        out["reconstruction_accuracy"] = float(np.mean(np.argmax(logits[np.arange(len(images)), labels], -1)
+                                                       == labels))
+    return out
