@@ -39,11 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magnet_mi_jax import checkpoint, data
+from magnet_mi_jax import checkpoint, cli, data
 from magnet_mi_jax.attacks import common, cw_l2, ead, fast_vjp
 from magnet_mi_jax.models import layers
-from magnet_mi_jax.utils import device_description, git_commit
-from train.classifier import small_classifier
+from train.common import small_classifier
 
 
 def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -145,8 +144,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.precision_probe:
             ratios["precision"] = precision_probe(module, params, x0, max(args.repeats, 5))
         return {"config": {k: v for k, v in vars(args).items() if k != "json"}, "weights": weights,
-                "device": device_description(), "jax": jax.__version__, "cpu_count": os.cpu_count(),
-                "loadavg_start": load_start, "git_commit": git_commit(), "ratios": ratios,
+                **cli.provenance(cli.command_line("eval.bench_attacks")), "cpu_count": os.cpu_count(),
+                "loadavg_start": load_start, "ratios": ratios,
                 "loadavg_end": os.getloadavg()}
 
     # ---- the classifier alone, on the same batch
@@ -222,7 +221,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "config": {k: v for k, v in vars(args).items() if k != "json"},
         "weights": weights, "images_sha": data.indices_hash(idx),
-        "device": device_description(), "git_commit": git_commit(), "jax": jax.__version__,
+        **cli.provenance(cli.command_line("eval.bench_attacks")),
         "cpu_count": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
         "classifier_ms": {"forward": 1e3 * t_fwd, "forward_backward": 1e3 * t_fb,
                           "forward_backward_fast_vjp": 1e3 * t_fb_fast},

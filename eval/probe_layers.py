@@ -47,7 +47,7 @@ from jax import lax
 
 from magnet_mi_jax.attacks import fast_vjp
 from magnet_mi_jax.models import MnistClassifier, layers
-from magnet_mi_jax.utils import device_description, git_commit
+from magnet_mi_jax import cli
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -199,9 +199,8 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()
     results = {} if args.train_step else probe(args.batch, args.repeats)
     results.update(probe_train_step(args.repeats))
-    report = {"batch": args.batch, "repeats": args.repeats, "device": device_description(), "jax": jax.__version__,
-              "loadavg_start": load_start, "probe": results,
-              "loadavg_end": os.getloadavg(), "git_commit": git_commit()}
+    report = {"batch": args.batch, "repeats": args.repeats, **cli.provenance(cli.command_line("eval.probe_layers")),
+              "loadavg_start": load_start, "probe": results, "loadavg_end": os.getloadavg()}
     sys.stdout.write(to_markdown(report))
     if args.json:
         with open(args.json, "w") as fh:

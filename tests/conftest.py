@@ -16,7 +16,7 @@ import pytest
 
 from magnet_mi_jax import checkpoint, data
 from magnet_mi_jax.models import alpha_gan, mnist_ae_i, mnist_ae_ii
-from train.classifier import small_classifier
+from train.common import small_classifier
 
 REPO = Path(__file__).resolve().parent.parent
 

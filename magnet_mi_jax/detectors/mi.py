@@ -328,7 +328,8 @@ def mi_score(params: MIParams, x, *, classifier: Apply, reformer: Apply, encoder
       params: :class:`MIParams` of the four networks.
       x: (B, H, W, C) float images in [0, 1].
       classifier: ``Z(params, images) -> logits (N, K)``.
-      reformer: ``R(params, x) -> x'`` (B, H, W, C), e.g. MagNet's clip(AE(x), 0, 1).
+      reformer: ``R(params, x) -> x'`` (B, H, W, C), e.g. MagNet's clip(AE(x), 0, 1); its output is clipped to
+        [0, 1] (a no-op for a reformer that clips).
       encoder: ``E(params, x) -> z (B, Dz)``.
       generator: ``G(params, z (N, Dz), y_onehot (N, K)) -> images (N, H, W, C)``.
       temperature: T > 0 of every softmax.
@@ -338,19 +339,16 @@ def mi_score(params: MIParams, x, *, classifier: Apply, reformer: Apply, encoder
       :class:`MIOutputs`; ``quantities.jaccard`` is the score d_J.
     """
     _check_reading(reading)
-    x = _checks.check_images(x)
-    logits_x = classifier(params.classifier, x)
-    chex.assert_rank(logits_x, 2)
-    chex.assert_axis_dimension(logits_x, 0, x.shape[0])
-    k = logits_x.shape[1]
-    x_reformed = reformer(params.reformer, x)
-    chex.assert_equal_shape([x_reformed, x])
-    p_x = softmax_t(logits_x, temperature)
-    p_y = softmax_t(classifier(params.classifier, x_reformed), temperature)
-    table = conditional_table(classifier, params.classifier, encoder, params.encoder, generator,
-                              params.generator, x, k, temperature)
-    chex.assert_type([p_x, p_y, table], logits_x.dtype)
-    return MIOutputs(quantities=_mi_quantities(p_x, p_y, table, reading), p_x=p_x, p_y=p_y, table=table)
+    from magnet_mi_jax.detectors.defense import MIDetector          # the one MI pipeline (defense imports this)
+    from magnet_mi_jax.detectors.forward import SharedForward
+    # R enters as a network whose output the shared pass clips to [0, 1]; a reformer that already clips (as
+    # MagNet's does) is unchanged by that, since clipping is idempotent.
+    forward = SharedForward({"classifier": classifier, "reformer": reformer, "encoder": encoder,
+                             "generator": generator}, params._asdict(), x, reformer="reformer")
+    chex.assert_rank(forward.logits, 2)
+    out = MIDetector(temperature=temperature, reading=reading).outputs(forward)
+    chex.assert_type([out.p_x, out.p_y, out.table], forward.logits.dtype)
+    return out
 
 
 def make_mi_score_fn(classifier: Apply, reformer: Apply, encoder: Apply, generator: Apply, *,
