@@ -14,17 +14,9 @@ section 5), beside MagNet's own detectors. Inputs:
   the data files) is recomputed and must match, so adversarial examples are never scored against another
   classifier than the one they were crafted on.
 
-Scores (larger = more suspicious), for a batch x (B, H, W, C), K classes and temperatures T_1..T_n:
-
-* MagNet's detectors from the dataset's preset: MNIST ``I`` = mean (x - AE_I(x))^2, ``II`` = mean |x - AE_II(x)|;
-  CIFAR-10 ``AE`` = mean |x - AE(x)|, ``JSD-T10`` / ``JSD-T40`` = JSD(softmax(Z(x)/T), softmax(Z(R(x))/T));
-* the MI detector at each T (the defense's own ``MIDetector``, read with other quantities and readings), from
-  logits computed once per batch: Z(x) (B, K), Z(R(x)) (B, K) and the conditional logits
-  L[b, j, :] = Z(G(E(x_b), e_j)) (B, K, K), then for each T
-      p_X = softmax(Z(x)/T),  p_Y = softmax(Z(R(x))/T),  P[j, i] = softmax(L[j, :]/T)_i;
-  reported as ``dJ_<reading>_T<T>`` (Jaccard distance d_J = 1 - I(X;Y)/H(X,Y)) and ``MI_<reading>_T<T>``
-  (I(X;Y)) for both readings (``literal``, ``consistent``; :mod:`magnet_mi_jax.detectors.mi`) and
-  ``HXgY_T<T>`` (H(X|Y) = sum_j p_Y(j) H(P[j, :]), the same under both readings).
+Scores (larger = more suspicious; defined in :mod:`eval.scoring`): MagNet's detectors from the dataset's preset,
+and the MI detector at each temperature T as ``dJ_<reading>_T<T>`` (d_J = 1 - I(X;Y)/H(X,Y)), ``MI_<reading>_T<T>``
+(I(X;Y)) under both readings and ``HXgY_T<T>`` (H(X|Y)), all from one shared forward pass per batch.
 
 Metrics per score and cell (and pooled over the kappas of each attack): ROC AUC (Mann-Whitney, ties count
 1/2; AUC < 0.5 means the score is *lower* on adversarial inputs and 1 - AUC is the AUC of the reversed
