@@ -40,7 +40,7 @@ from magnet_mi_jax.detectors import _checks
 from magnet_mi_jax.detectors.forward import SharedForward
 from magnet_mi_jax.detectors.mi import READINGS
 
-__all__ = ["DEFAULT_TEMPERATURES", "DEFAULT_FPR", "DEFAULT_N_NATURAL", "AnalysisError", "analysis_detectors",
+__all__ = ["DEFAULT_TEMPERATURES", "DEFAULT_FPR", "DEFAULT_N_NATURAL", "AnalysisError", "mi_detectors", "analysis_detectors",
            "detector_scores", "make_score_fn", "score_names", "flatten_scores", "score_metrics", "analyse",
            "read_table", "run_checkpoints", "tables_config", "shard_from_name", "load_cells"]
 
@@ -60,12 +60,11 @@ class AnalysisError(RuntimeError):
 # --------------------------------------------------------------------------------------------------
 
 
-def analysis_detectors(magnet: MagNet, temperatures: Sequence[float] = DEFAULT_TEMPERATURES) -> tuple:
-    """The detectors the analysis scores, in report order: MagNet's, then at each T the MI detector's d_J and
-    I(X;Y) under both readings and H(X|Y) (the same under both): :class:`~magnet_mi_jax.detectors.MIDetector`
-    instances that differ only in ``quantity``, ``reading`` and ``temperature``, so they share one conditional
-    pass (the defense's own MI detector, read other ways)."""
-    dets = list(magnet.detectors)
+def mi_detectors(temperatures: Sequence[float] = DEFAULT_TEMPERATURES) -> tuple:
+    """At each T the MI detector's d_J and I(X;Y) under both readings and H(X|Y) (the same under both):
+    :class:`~magnet_mi_jax.detectors.MIDetector` instances that differ only in ``quantity``, ``reading`` and
+    ``temperature``, so they share one conditional pass (the defense's own MI detector, read other ways)."""
+    dets = []
     for t in temperatures:
         for reading in READINGS:
             for quantity in MI_QUANTITIES:
@@ -73,6 +72,11 @@ def analysis_detectors(magnet: MagNet, temperatures: Sequence[float] = DEFAULT_T
                                        reading=reading, quantity=quantity))
         dets.append(MIDetector(name=f"HXgY_{_t_label(t)}", temperature=t, quantity="h_x_given_y"))
     return tuple(dets)
+
+
+def analysis_detectors(magnet: MagNet, temperatures: Sequence[float] = DEFAULT_TEMPERATURES) -> tuple:
+    """The detectors the analysis scores, in report order: MagNet's, then :func:`mi_detectors`."""
+    return tuple(magnet.detectors) + mi_detectors(temperatures)
 
 
 def detector_scores(magnet: MagNet, applies: Mapping[str, Callable], params: Mapping[str, Any], x,
@@ -129,15 +133,11 @@ def score_names(magnet: MagNet, temperatures: Sequence[float] = DEFAULT_TEMPERAT
     return names
 
 
-def _mi_names(temperatures: Sequence[float]) -> list[str]:
-    return [d.name for d in analysis_detectors(MagNet(detectors=(), reformer="r"), temperatures)]
-
-
 def flatten_scores(scores: Mapping[str, Any], temperatures: Sequence[float] = DEFAULT_TEMPERATURES
                    ) -> dict[str, np.ndarray]:
     """:func:`detector_scores`' result (host arrays; a jitted function returns its dict in sorted key order) ->
     score name -> (N,) float64 in report order: MagNet's scores, then the MI scores as :func:`score_names`."""
-    mi_names = _mi_names(temperatures)
+    mi_names = [d.name for d in mi_detectors(temperatures)]
     names = sorted(set(scores) - set(mi_names)) + mi_names
     return {name: np.asarray(scores[name], np.float64) for name in names}
 
