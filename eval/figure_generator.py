@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from magnet_mi_jax import checkpoint, cli, data, datasets
+from magnet_mi_jax import checkpoint, cli, datasets
 from magnet_mi_jax.models import alpha_gan
 
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.rows < 1 or args.eval_images < 1:
         parser.error("--rows and --eval-images must be positive")
 
-    ds = data.load_dataset(args.dataset, data_dir=args.data_dir, source=args.source)
+    ds = cli.load_data(args)
     module, params, card = checkpoint.load_model(args.dataset, "generator", args.checkpoints)
     try:
         clf_module, clf_params, _ = checkpoint.load_model(args.dataset, "classifier",

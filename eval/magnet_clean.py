@@ -132,7 +132,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     except checkpoint.CheckpointError as err:
         parser.exit(2, f"error: {err}\n")
     try:
-        ds = data.load_dataset(args.dataset, data_dir=args.data_dir, source=args.source)
+        ds = cli.load_data(args)
         check_cards_against_data(cards, ds)
     except data.DataError as err:
         parser.exit(2, f"error: {err}\n")

@@ -28,11 +28,10 @@ class OverwriteError(RuntimeError):
 
 
 def add_data_flags(parser: argparse.ArgumentParser, *, checkpoints_help: str | None = None,
-                   dataset_required: bool = True, checkpoints: bool = True) -> argparse.ArgumentParser:
+                   checkpoints: bool = True) -> argparse.ArgumentParser:
     """Adds ``--dataset`` (a registered name), ``--data-dir``, ``--source`` and (with ``checkpoints``)
     ``--checkpoints``."""
-    parser.add_argument("--dataset", choices=datasets.names(), required=dataset_required,
-                        default=None if dataset_required else datasets.names()[0])
+    parser.add_argument("--dataset", choices=datasets.names(), required=True)
     parser.add_argument("--data-dir", default=None,
                         help=f"folder with the dataset's files (default ${data.DATA_DIR_ENV}, else the download cache)")
     parser.add_argument("--source", default="auto", choices=data.SOURCES,

@@ -48,7 +48,7 @@ def override(config, args: argparse.Namespace):
 
 
 def load_data(args: argparse.Namespace) -> data.Dataset:
-    ds = data.load_dataset(args.dataset, data_dir=args.data_dir, source=args.source)
+    ds = magnet_cli.load_data(args)
     if args.train_limit is not None:
         ds = dataclasses.replace(ds, train_x=ds.train_x[:args.train_limit], train_y=ds.train_y[:args.train_limit])
     return ds
