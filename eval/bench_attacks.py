@@ -1,9 +1,12 @@
 """Benchmark: our jitted EAD and C&W-L2 against Foolbox 3 on the same classifier, images and settings.
 
     python -m eval.bench_attacks [--dataset mnist] [--images 100] [--iterations 100] [--search-steps 5]
-                                 [--const 0.01] [--kappa 0] [--no-foolbox] [--json PATH]
+                                 [--const 0.01] [--kappa 0] [--attacks ead,cw] [--no-foolbox] [--json PATH]
 
-Writes a Markdown report to stdout (and JSON with ``--json``). For each attack and implementation:
+Writes a Markdown report to stdout (and JSON with ``--json``). Ours is every attack run of the registry
+(:mod:`magnet_mi_jax.attacks.registry`, ``--attacks`` names runs) called exactly as ``eval.tables`` calls it,
+with the settings below as its protocol; the cell compared with Foolbox is :data:`FOOLBOX_CELLS`' (EAD's EN
+rule: the one Foolbox implements). For each attack and implementation:
 
 * image-iterations per second = images x iterations x search steps / wall time of the whole call (after a
   warm-up call that compiles; the same inputs), best of ``--repeats``;
@@ -29,6 +32,7 @@ images, as the test fixture) and the report says so.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -39,10 +43,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magnet_mi_jax import checkpoint, cli, data
-from magnet_mi_jax.attacks import common, cw_l2, ead, fast_vjp
+from magnet_mi_jax import checkpoint, cli, data, datasets
+from magnet_mi_jax.attacks import AttackResult, common, fast_vjp, registry
 from magnet_mi_jax.models import layers
 from train.common import small_classifier
+
+FOOLBOX_CELLS = {"ead": "ead_en", "cw": "cw_l2"}
+"""Attack run -> the cell of ours that its Foolbox 3 counterpart computes (runs not named here: ours only)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    """The attack settings both implementations get, as the registry's protocol (``AttackRun.craft``).
+
+    Foolbox's EAD uses the textbook momentum k/(k+3) and neither Foolbox attack aborts early, so ours does the
+    same here (the tables use the reference code's momentum and C&W's abort-early: ``eval.protocol``).
+    """
+
+    iterations: int
+    search_steps: int
+    initial_const: float
+    learning_rate: float
+    beta: float = 1e-2
+    ead_momentum: str = "textbook"
+    cw_abort_early: bool = False
+
+
+def craft(run: registry.AttackRun, module, params, x0, labels, kappa: float,
+          settings: BenchSettings) -> dict[str, AttackResult]:
+    """One call of a registered attack run at one kappa: {cell: AttackResult with (B, ...) fields}."""
+    out = run.craft(module.apply, params, x0, labels, jnp.full((1, 1), kappa, jnp.float32), settings)
+    return {cell: jax.tree.map(lambda a: a[0], res) for cell, res in out.items()}
 
 
 def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -79,11 +110,11 @@ def iteration_ratios(module, params, x0, labels, repeats: int = 5) -> dict[str, 
     # the bare input gradient, compiled as the attacks compile (layers.cpu_jit: lone convolutions on Eigen)
     grad = layers.cpu_jit(jax.grad(lambda p, x: jnp.sum(fast(p, x)), argnums=1))
     cands = {"forward": (lambda: fwd(params, x0), 10), "forward_backward": (lambda: grad(params, x0), 10)}
-    for k in (10, 50):
-        cands[f"ead{k}"] = ((lambda k: lambda: ead(module.apply, x0, labels, params=params, iterations=k,
-                                                   search_steps=1))(k), 1)
-        cands[f"cw{k}"] = ((lambda k: lambda: cw_l2(module.apply, x0, labels, params=params, iterations=k,
-                                                    search_steps=1, abort_early=False))(k), 1)
+    for name, run in registry.REGISTRY.items():
+        for k in (10, 50):
+            settings = BenchSettings(iterations=k, search_steps=1, initial_const=1e-3, learning_rate=1e-2)
+            cands[f"{name}{k}"] = ((lambda run, settings: lambda: craft(run, module, params, x0, labels, 0.0,
+                                                                        settings))(run, settings), 1)
     for f, _ in cands.values():
         jax.block_until_ready(f())
     best = {k: np.inf for k in cands}
@@ -95,7 +126,7 @@ def iteration_ratios(module, params, x0, labels, repeats: int = 5) -> dict[str, 
             jax.block_until_ready(out)
             best[key] = min(best[key], (time.perf_counter() - t) / n)
     out = {"forward_ms": 1e3 * best["forward"], "forward_backward_ms": 1e3 * best["forward_backward"]}
-    for a in ("ead", "cw"):
+    for a in registry.REGISTRY:
         it = (best[a + "50"] - best[a + "10"]) / 40
         out[f"{a}_ms_per_iteration"] = 1e3 * it
         out[f"{a}_limit_ratio"] = it / best["forward"]
@@ -158,18 +189,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_fb_fast = _timed(lambda: fwdbwd_fast(params, x0), reps)[0]
     t_bare = min(t_fb, t_fb_fast)
 
-    common_kw = dict(kappa=args.kappa, const=args.const, iterations=k_it, search_steps=s_st)
-    ours = {
-        # Foolbox's settings: no abort-early, and EAD's textbook momentum k/(k+3)
-        "ead": lambda: ead(module.apply, x0, labels, params=params, beta=args.beta, rule="en",
-                           learning_rate=args.lr, momentum="textbook", **common_kw),
-        "cw": lambda: cw_l2(module.apply, x0, labels, params=params, learning_rate=args.lr, abort_early=False,
-                            **common_kw),
-    }
+    settings = BenchSettings(iterations=k_it, search_steps=s_st, initial_const=args.const, learning_rate=args.lr,
+                             beta=args.beta)
     results: dict[str, Any] = {}
     judged: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     for name in args.attacks:
-        t, res = _timed(ours[name], args.repeats)
+        run = registry.get(name)
+        t, out = _timed(lambda: craft(run, module, params, x0, labels, args.kappa, settings), args.repeats)
+        res = out[FOOLBOX_CELLS.get(name, run.cells[0])]
         judged[(name, "ours")] = _judge(apply_jit, params, x0, labels, res.adv, args.kappa)
         t_iter = t / total_iters
         results.setdefault(name, {})["ours"] = {
@@ -194,7 +221,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for impl in args.foolbox_models:
             fmodel = fb.JAXModel(models[impl], bounds=(0.0, 1.0))
             impl_names.append(impl)
-            for name in args.attacks:
+            for name in [a for a in args.attacks if a in FOOLBOX_CELLS]:
                 fb_attack(name, 2, 1).run(fmodel, x0, labels)          # warm-up (compiles a jitted model)
                 t = time.perf_counter()
                 adv = jax.block_until_ready(fb_attack(name, k_it, s_st).run(fmodel, x0, labels))
@@ -237,6 +264,9 @@ def _precision_markdown(p: dict[str, float] | None) -> str:
         for d in ("float32", "bfloat16")))
 
 
+_RUN_TITLES = {"ead": "EAD", "cw": "C&W"}
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     c = report["config"]
     if "ratios" in report:
@@ -248,10 +278,10 @@ def to_markdown(report: dict[str, Any]) -> str:
                 f"| forward | {r['forward_ms']:.2f} | 1.00 | |\n"
                 f"| forward+backward (fast_vjp) | {r['forward_backward_ms']:.2f} | "
                 f"{r['forward_backward_ms'] / r['forward_ms']:.2f} | 1.00 |\n"
-                f"| EAD iteration | {r['ead_ms_per_iteration']:.2f} | {r['ead_limit_ratio']:.2f} | "
-                f"{r['ead_overhead_ratio']:.2f} |\n"
-                f"| C&W iteration | {r['cw_ms_per_iteration']:.2f} | {r['cw_limit_ratio']:.2f} | "
-                f"{r['cw_overhead_ratio']:.2f} |\n" + _precision_markdown(r.get("precision")))
+                + "".join(f"| {_RUN_TITLES.get(a, a)} iteration | {r[f'{a}_ms_per_iteration']:.2f} | "
+                          f"{r[f'{a}_limit_ratio']:.2f} | {r[f'{a}_overhead_ratio']:.2f} |\n"
+                          for a in registry.REGISTRY if f"{a}_ms_per_iteration" in r)
+                + _precision_markdown(r.get("precision")))
     cm = report["classifier_ms"]
     lines = [
         f"## Attack benchmark: {c['dataset']}, {c['images']} images, {c['iterations']} iterations x "
@@ -287,7 +317,7 @@ def to_markdown(report: dict[str, Any]) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="mnist", choices=("mnist", "cifar10"))
+    p.add_argument("--dataset", default="mnist", choices=datasets.names())
     p.add_argument("--images", type=int, default=100)
     p.add_argument("--iterations", type=int, default=100)
     p.add_argument("--search-steps", type=int, default=5)
@@ -295,7 +325,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kappa", type=float, default=0.0)
     p.add_argument("--beta", type=float, default=1e-2)
     p.add_argument("--lr", type=float, default=1e-2, help="EAD initial step size and C&W Adam step size")
-    p.add_argument("--attacks", type=lambda s: s.split(","), default=["ead", "cw"])
+    p.add_argument("--attacks", type=lambda s: s.split(","), default=list(registry.REGISTRY),
+                   help=f"comma-separated attack runs of the registry (default all: {','.join(registry.REGISTRY)})")
     p.add_argument("--repeats", type=int, default=1, help="timed calls of ours after the warm-up (best kept)")
     p.add_argument("--seed", type=int, default=0, help="seed of the image selection")
     p.add_argument("--no-foolbox", action="store_true")
@@ -309,8 +340,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoints", default=None)
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     args = p.parse_args(argv)
-    if any(a not in ("ead", "cw") for a in args.attacks):
-        p.error("--attacks takes a comma-separated subset of ead,cw")
+    if not args.attacks or any(a not in registry.REGISTRY for a in args.attacks):
+        p.error(f"--attacks takes a comma-separated subset of {','.join(registry.REGISTRY)}")
     return args
 
 
@@ -326,4 +357,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run_main(main)

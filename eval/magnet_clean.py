@@ -27,7 +27,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from magnet_mi_jax import checkpoint, cli, data, datasets
+from magnet_mi_jax import cli, data, datasets
 from eval.protocol import check_cards_against_data, load_networks
 from eval.report import paper_clean
 from magnet_mi_jax.detectors import (MagNet, MIMagNet, calibrate, clean_accuracy, decide, flags,
@@ -127,15 +127,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     config = datasets.get(args.dataset)
     spec = config.mi_magnet() if args.mi else config.magnet
     names = config.magnet.network_keys + ((config.generator,) if args.mi else ())
-    try:
-        applies, params, cards = load_networks(args.dataset, args.checkpoints, names=names)
-    except checkpoint.CheckpointError as err:
-        parser.exit(2, f"error: {err}\n")
-    try:
-        ds = cli.load_data(args)
-        check_cards_against_data(cards, ds)
-    except data.DataError as err:
-        parser.exit(2, f"error: {err}\n")
+    applies, params, cards = load_networks(args.dataset, args.checkpoints, names=names)
+    ds = cli.load_data(args)
+    check_cards_against_data(cards, ds)
     start = time.time()
     result = evaluate_clean(spec, applies, params, ds, args.batch_size, args.val_limit, args.test_limit)
     result.update(dataset=args.dataset, defense="mi_magnet" if args.mi else "magnet", seconds=round(time.time() - start, 1),
@@ -149,4 +143,4 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

@@ -217,5 +217,5 @@ def test_magnet_clean_command_on_saved_small_models(tmp_path, data_dir, capsys):
     assert mi["detectors"]["MI"]["n_rejected_target"] == 5            # floor(1000 * 0.005)
     assert mi["thresholds"]["I"] == res["thresholds"]["I"]            # MagNet's detectors unchanged by MI
     assert mi["clean_accuracy"]["both"] <= res["clean_accuracy"]["both"]      # one more detector rejects more
-    with pytest.raises(SystemExit):
+    with pytest.raises(checkpoint.CheckpointError, match="nowhere"):
         magnet_clean.main(["--dataset", "mnist", "--checkpoints", str(tmp_path / "nowhere")])
