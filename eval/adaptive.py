@@ -1,6 +1,6 @@
 """MagNet and MI-MagNet against attackers who know them: adaptive EAD and C&W-L2 beside the oblivious attacks.
 
-For each attack (``ead_en``, ``ead_l1``, ``cw``), each kappa and each attacked defense (``magnet``,
+For each attack (``ead_en``, ``ead_l1``, ``cw_l2``: the cells of :mod:`magnet_mi_jax.attacks.registry`), each kappa and each attacked defense (``magnet``,
 ``mi_magnet``), :mod:`magnet_mi_jax.attacks.adaptive` crafts examples against that whole defense (through its
 reformer, penalising every detector above a fourfold stricter threshold); the oblivious attack (on the bare
 classifier, as in Table 1) runs on the same images with the same settings. Every set of examples is then
@@ -12,7 +12,7 @@ successful examples, with ROC curves in ``roc.png``.
 
 Command (the committed results/mnist-adaptive/ was made by the command recorded in its table.json)::
 
-    python -m eval.adaptive --dataset mnist --n-images 100 --kappas 0,10,20 --attacks ead_en,ead_l1,cw \\
+    python -m eval.adaptive --dataset mnist --n-images 100 --kappas 0,10,20 --attacks ead_en,ead_l1,cw_l2 \\
         --iterations 100 --search-steps 5 --const 0.1
 
 (these are the defaults: ``python -m eval.adaptive --dataset mnist`` is the same run). 100 iterations x 5
@@ -23,6 +23,11 @@ Each attack call's examples are cached in ``<out>/cache`` (content-keyed like ev
 interrupted run loses at most the call in progress; rerunning the command resumes. Each call's seconds are
 recorded in table.json (``attack_seconds``): the attacks on MI-MagNet dominate, since every iteration runs the
 generator and the classifier for all K conditions, forward and backward.
+
+Until commit c63177b this module called C&W's cell ``cw`` (the registry's is ``cw_l2``); results made then
+(results/mnist-adaptive/) keep that name. ``--attacks`` still accepts it, and their cached examples and
+configuration are read under the new name (:data:`LEGACY_CELLS`), so rerunning their recorded command resumes
+from their cache.
 """
 
 from __future__ import annotations
@@ -40,13 +45,14 @@ import jax
 import numpy as np
 
 from magnet_mi_jax import cli, data, datasets
-from magnet_mi_jax.attacks import ATTACK_VERSION, adaptive, cw_l2, ead
+from magnet_mi_jax.attacks import ATTACK_VERSION, adaptive, cw_l2, ead, registry
 from magnet_mi_jax.detectors import (attack_accuracy, calibrate, decide, make_defense_fn,
                                      map_batches, roc_auc, tpr_at_fpr)
 from eval import protocol
 
-ATTACKS = ("ead_en", "ead_l1", "cw")
-ATTACK_TITLES = {"ead_en": "EAD (EN rule)", "ead_l1": "EAD (L1 rule)", "cw": "C&W-L2"}
+ATTACKS = ("ead_en", "ead_l1", "cw_l2")
+LEGACY_CELLS = {"cw": "cw_l2"}
+"""Cell names of results made before the registry's names (module docstring) -> the registry's."""
 DEFENSES = ("magnet", "mi_magnet")
 DEFENSE_TITLES = {"magnet": "MagNet", "mi_magnet": "MI-MagNet"}
 TARGETS = ("oblivious",) + DEFENSES        # who the examples were crafted against
@@ -88,7 +94,7 @@ class AdaptiveConfig:
     @property
     def families(self) -> tuple[str, ...]:
         """Attack runs needed: one EAD run gives both decision rules."""
-        return tuple(dict.fromkeys("ead" if a.startswith("ead") else "cw" for a in self.attacks))
+        return tuple(dict.fromkeys(registry.run_of(a).name for a in self.attacks))
 
 
 def call_key(config: AdaptiveConfig, family: str, target: str, context: Mapping[str, str]) -> str:
@@ -101,7 +107,7 @@ def call_key(config: AdaptiveConfig, family: str, target: str, context: Mapping[
 
 def craft(config: AdaptiveConfig, family: str, target: str, applies, params, specs, thresholds, strict, x, y
           ) -> dict[str, dict[str, np.ndarray]]:
-    """One attack call over the kappa grid: {rule or "cw": {"adv", "success", "l1", "l2", "linf"} with (G, B)}."""
+    """One attack call over the kappa grid: {cell: {"adv", "success", "l1", "l2", "linf"} with (G, B)}."""
     kappa = np.asarray(config.kappas, np.float32)[:, None]
     common = dict(kappa=kappa, const=config.const, iterations=config.iterations, search_steps=config.search_steps)
     if family == "ead":
@@ -115,10 +121,13 @@ def craft(config: AdaptiveConfig, family: str, target: str, applies, params, spe
         out = attack(spec, applies, params, x, y, thresholds={n: thresholds[n] for n in spec.detector_names},
                      attack_thresholds={n: strict[n] for n in spec.detector_names}, penalty=config.penalty,
                      normalize=config.normalize, **common)
-    results = out if isinstance(out, dict) else {"cw": out}
-    return {(f"ead_{r}" if family == "ead" else r): {k: np.asarray(getattr(res, k)) for k in
-                                                     ("adv", "success", "l1", "l2", "linf")}
-            for r, res in results.items()}
+    if family == "ead":
+        cells = {cell: out[rule] for cell, rule in registry.EAD_RULES.items()}
+    else:
+        (cell,) = registry.get(family).cells
+        cells = {cell: out}
+    return {cell: {k: np.asarray(getattr(res, k)) for k in ("adv", "success", "l1", "l2", "linf")}
+            for cell, res in cells.items()}
 
 
 def save_call(path: Path, cells: Mapping[str, Mapping[str, np.ndarray]]) -> None:
@@ -136,7 +145,7 @@ def load_call(path: Path) -> dict[str, dict[str, np.ndarray]] | None:
             cells: dict[str, dict[str, np.ndarray]] = {}
             for key in f.files:
                 attack, field = key.split("__")
-                cells.setdefault(attack, {})[field] = f[key]
+                cells.setdefault(LEGACY_CELLS.get(attack, attack), {})[field] = f[key]
         return cells
     except (OSError, ValueError) as err:
         raise ValueError(f"cached examples {path} are unreadable ({err}); delete the file to recompute it") from err
@@ -176,6 +185,18 @@ def judge(outputs, thresholds, specs, labels: np.ndarray, cell: Mapping[str, np.
     return row
 
 
+def check_overwrite(config: AdaptiveConfig, out: Path, overwrite: bool = False) -> None:
+    """Refuses (:class:`cli.OverwriteError`) to write over ``out``'s table of another configuration (its cells
+    read under their current names) unless ``overwrite``."""
+    if not (out / "table.json").exists() or overwrite:
+        return
+    old = json.loads((out / "table.json").read_text()).get("config") or {}
+    old["attacks"] = [LEGACY_CELLS.get(a, a) for a in old.get("attacks", [])]
+    if old != json.loads(json.dumps(dataclasses.asdict(config))):
+        raise cli.OverwriteError(f"{out} holds an adaptive table of another configuration; choose another "
+                                 "--out or pass --overwrite")
+
+
 def run(config: AdaptiveConfig, out: Path, *, data_dir: str | None = None, source: str = "auto",
         checkpoints: str | None = None, command: str = "", overwrite: bool = False,
         dataset: data.Dataset | None = None, eval_batch: int = 500, natural_limit: int | None = None
@@ -186,11 +207,7 @@ def run(config: AdaptiveConfig, out: Path, *, data_dir: str | None = None, sourc
     """
     start = time.time()
     out = Path(out)
-    if (out / "table.json").exists() and not overwrite:
-        old = json.loads((out / "table.json").read_text()).get("config")
-        if old != json.loads(json.dumps(dataclasses.asdict(config))):
-            raise cli.OverwriteError(f"{out} holds an adaptive table of another configuration; choose another "
-                                        "--out or pass --overwrite")
+    check_overwrite(config, out, overwrite)
     ds = dataset if dataset is not None else data.load_dataset(config.dataset, data_dir=data_dir, source=source)
     applies, params, cards = protocol.load_networks(config.dataset, checkpoints)
     protocol.check_cards_against_data(cards, ds)
@@ -234,7 +251,7 @@ def run(config: AdaptiveConfig, out: Path, *, data_dir: str | None = None, sourc
     rows: dict[str, Any] = {}
     curves: dict[tuple[str, str, float], dict[str, tuple]] = {}
     for attack in config.attacks:
-        family = "ead" if attack.startswith("ead") else "cw"
+        family = registry.run_of(attack).name
         for target in config.targets:
             cell = crafted[(family, target)][attack]
             for g, kappa in enumerate(config.kappas):
@@ -275,7 +292,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
              "as defended if a detector flags it or the reformed image is classified correctly.",
              ""]
     for attack in cfg["attacks"]:
-        lines += [f"## {ATTACK_TITLES[attack]}", "",
+        lines += [f"## {registry.title(LEGACY_CELLS.get(attack, attack))}", "",
                   "| crafted against | kappa | success vs its target (%) | mean L1 | mean L2 | MagNet acc. | MI-MagNet acc. |",
                   "|---|---|---|---|---|---|---|"]
         for target in cfg["targets"]:
@@ -325,7 +342,7 @@ def plot_roc(result: Mapping[str, Any], curves: Mapping[tuple, Mapping[str, tupl
                     color, ls = styles[target]
                     ax.plot(*pts, ls, color=color, label=f"vs {target}")
             ax.plot([0, 1], [0, 1], ":", color="black", lw=0.8)
-            ax.set_title(f"{ATTACK_TITLES[attack]}, detector {name}", fontsize=9)
+            ax.set_title(f"{registry.title(attack)}, detector {name}", fontsize=9)
             ax.set_xlabel("FPR")
             ax.set_ylabel("TPR")
     if axes[0, 0].get_legend_handles_labels()[0]:
@@ -345,9 +362,10 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def build_config(args: argparse.Namespace) -> AdaptiveConfig:
+    """The configuration the parsed flags name (unset flags: the dataset's defaults)."""
     base = AdaptiveConfig(dataset=args.dataset)
     fields = {"n_images": args.n_images, "kappas": _floats(args.kappas) if args.kappas else None,
-              "attacks": _names(args.attacks) if args.attacks else None,
+              "attacks": tuple(LEGACY_CELLS.get(a, a) for a in _names(args.attacks)) if args.attacks else None,
               "targets": _names(args.targets) if args.targets else None, "iterations": args.iterations,
               "search_steps": args.search_steps, "const": args.const, "penalty": args.penalty, "fpr_factor": args.fpr_factor,
               "seed": args.seed}
@@ -355,7 +373,7 @@ def build_config(args: argparse.Namespace) -> AdaptiveConfig:
                                normalize=not args.unnormalized)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m eval.adaptive", description=__doc__.split("\n")[0])
     cli.add_data_flags(parser)
     parser.add_argument("--out", default=None, help="output folder (default results/<dataset>-adaptive/)")
@@ -373,7 +391,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="weight every detector's excess by c2 alone, not by c2 / its threshold")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     config = build_config(args)
     out = Path(args.out or f"results/{args.dataset}-adaptive")
     command = cli.command_line("eval.adaptive", argv)

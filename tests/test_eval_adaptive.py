@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,3 +84,22 @@ def test_roc_points_and_config_checks():
         adaptive.AdaptiveConfig(targets=("everyone",))
     with pytest.raises(ValueError, match="kappas"):
         adaptive.AdaptiveConfig(kappas=(-1.0,))
+
+
+def test_results_made_under_the_legacy_cw_name_read_and_resume_under_the_registry_name():
+    """results/mnist-adaptive/ predates the registry's cell names ("cw" for C&W): its recorded command gives
+    the current default configuration, which matches its table (no overwrite refusal), and its cached
+    examples load under "cw_l2"."""
+    committed = Path(__file__).resolve().parents[1] / "results" / "mnist-adaptive"
+    table = json.loads((committed / "table.json").read_text())
+    assert "cw" in table["config"]["attacks"]                         # the legacy name, as committed
+    argv = shlex.split(table["command"])[3:]                          # after "python -m eval.adaptive"
+    config = adaptive.build_config(adaptive.parse_args(argv))
+    assert config == adaptive.AdaptiveConfig(dataset="mnist") and "cw_l2" in config.attacks
+    adaptive.check_overwrite(config, committed)
+    with pytest.raises(cli.OverwriteError, match="another configuration"):
+        adaptive.check_overwrite(dataclasses.replace(config, seed=1), committed)
+    (path,) = (committed / "cache").glob("cw-oblivious-*.npz")
+    cells = adaptive.load_call(path)
+    assert set(cells) == {"cw_l2"} and cells["cw_l2"]["adv"].shape[:2] == (3, 100)
+    assert "## C&W-L2" in adaptive.render_markdown(table)
