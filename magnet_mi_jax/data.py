@@ -268,16 +268,6 @@ def load_files(config: DatasetConfig | str, data_dir: str | os.PathLike) -> Data
     return _split(config, _to_float(train_u8), train_y, _to_float(test_u8), test_y, "files", md5)
 
 
-def load_mnist_files(data_dir: str | os.PathLike) -> Dataset:
-    """Loads MNIST from the four official ``.gz`` IDX files in ``data_dir`` (or ``data_dir/mnist``)."""
-    return load_files("mnist", data_dir)
-
-
-def load_cifar10_files(data_dir: str | os.PathLike) -> Dataset:
-    """Loads CIFAR-10 from the official binary version (``data_batch_1..5.bin``, ``test_batch.bin``)."""
-    return load_files("cifar10", data_dir)
-
-
 def _split(config: DatasetConfig, train_x, train_y, test_x, test_y, source, md5) -> Dataset:
     """Checks shapes, sizes and label range against the config, then holds out the validation images."""
     name, n_val = config.name, config.validation_size

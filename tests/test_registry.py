@@ -55,6 +55,17 @@ def test_registry_refuses_clashes_and_names_unknown_attacks():
         registry.AttackRun("x", ("a",), {}, lambda p: {}, lambda *a: {})
 
 
+def test_finish_takes_both_constants_or_neither():
+    x = jnp.zeros((2, 3, 3, 1))
+    found = jnp.array([True, False])
+    res = common.finish(x, x + 0.5, found, jnp.array([1.0, 2.0]), jnp.array([3.0, 4.0]))
+    np.testing.assert_array_equal(res.const, [1.0, 4.0])          # the best c if found, else the last one
+    np.testing.assert_array_equal(res.l1, [4.5, 0.0])
+    assert np.isnan(common.finish(x, x + 0.5, found).const).all()
+    with pytest.raises(ValueError, match="both"):
+        common.finish(x, x, found, jnp.ones(2))
+
+
 # A new attack, as a user would add one: brighten every pixel by eps (clipped to the box), at every kappa.
 
 def _brighten_settings(protocol) -> dict:
@@ -66,8 +77,7 @@ def _brighten_craft(logits_fn, params, x, y, kappa, protocol):
     adv = jnp.clip(x + eps, 0.0, 1.0)
     z = logits_fn(params, adv)
     success = jax.vmap(lambda k: common.margin_loss(z, y, k)[1])(kappa[:, 0])             # (G, B)
-    one = jnp.ones(y.shape, jnp.float32)
-    res = jax.vmap(lambda ok: common.finish(x, adv, ok, one, one))(success)
+    res = jax.vmap(lambda ok: common.finish(x, adv, ok))(success)       # no constant: const is NaN
     return {"brighten": res}
 
 
@@ -94,6 +104,8 @@ def test_a_new_attack_runs_through_the_tables_with_one_registration(brighten, ti
     assert cell["mean_linf"] is None or cell["mean_linf"] <= 0.3 + 1e-6
     shards = sorted(p.name for p in (tmp_path / "out" / "cache").glob("brighten_*.npz"))
     assert len(shards) == 2 and shards[0].startswith("brighten_kappa0_s000_")
+    with np.load(tmp_path / "out" / "cache" / shards[0]) as f:
+        assert np.isnan(f["brighten.const"]).all() and f["brighten.success"].dtype == bool
     assert "Brighten" in (tmp_path / "out" / "table.md").read_text()
     # the attack's own setting keys its shards (same context and images: only the setting differs)
     changed = dataclasses.replace(config, attacks=("brighten",))

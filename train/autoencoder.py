@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from magnet_mi_jax import checkpoint, datasets
+from magnet_mi_jax import checkpoint, cli, datasets
 from magnet_mi_jax.utils import map_batches
 from train import common, trainer
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     which = datasets.get(args.dataset).networks_of("autoencoder")
     if args.which not in which:
         parser.error(f"--which {args.which} is not a {args.dataset} auto-encoder; choose from {which}")
-    command = common.command_line(argv, "train.autoencoder")
+    command = cli.command_line("train.autoencoder", argv)
     config = common.override(VARIANTS[args.variant](args.dataset), args)
     ds = common.load_data(args)
     # The cosine schedule spans the whole run, so its length is part of the configuration.

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from magnet_mi_jax import checkpoint, datasets
+from magnet_mi_jax import checkpoint, cli, datasets
 from magnet_mi_jax.utils import map_batches
 from train import common, trainer
 
@@ -83,7 +83,7 @@ def make_loss_fn(module, config: ClassifierConfig, image_shape):
 def main(argv: list[str] | None = None) -> dict:
     parser = common.base_parser(__doc__.splitlines()[0])
     args = parser.parse_args(argv)
-    command = common.command_line(argv, "train.classifier")
+    command = cli.command_line("train.classifier", argv)
     config = common.override(config_for(args.dataset), args)
     ds = common.load_data(args)
     run_config = common.run_config(args, "classifier", config, ds)

@@ -112,10 +112,6 @@ def check_export_target(args: argparse.Namespace, name: str, run: dict[str, Any]
                           "\nExport elsewhere with --checkpoints DIR, or pass --overwrite to replace them.")
 
 
-def command_line(argv: list[str] | None, module: str) -> str:
-    return magnet_cli.command_line(module, argv)
-
-
 def export(args: argparse.Namespace, name: str, params: Any, config, ds: data.Dataset, command: str,
            metrics: dict[str, Any], history: list[dict], run: dict[str, Any]) -> Path:
     """Writes the trained weights and their card to ``<checkpoints>/<dataset>/<name>`` (refusing, without

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magnet_mi_jax import checkpoint, datasets
+from magnet_mi_jax import checkpoint, cli, datasets
 from magnet_mi_jax.models import alpha_gan
 from train import alpha_gan_step, common, trainer
 
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="checkpoint root holding <dataset>/classifier for the conditional accuracy "
                              "(default: --checkpoints if it holds one, else the repository's checkpoints)")
     args = parser.parse_args(argv)
-    command = common.command_line(argv, "train.generator")
+    command = cli.command_line("train.generator", argv)
     config = common.override(variant_config(args.dataset, args.variant), args)
     config = dataclasses.replace(config, **{k: v for k, v in (("reconstruction_weight", args.rec_weight),
                                                               ("code_weight", args.code_weight),

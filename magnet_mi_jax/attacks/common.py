@@ -49,7 +49,7 @@ class AttackResult(NamedTuple):
       l2: (*batch,) ``||adv - x0||_2`` (not squared); 0 for failures.
       linf: (*batch,) ``||adv - x0||_inf``; 0 for failures.
       const: (*batch,) the constant c of the search step that produced ``adv``; for failures the c of the
-        last search step.
+        last search step; NaN for an attack without a constant (:func:`finish` without constants).
     """
 
     adv: jax.Array
@@ -145,12 +145,23 @@ def distortions(adv: jax.Array, x0: jax.Array) -> tuple[jax.Array, jax.Array, ja
             jnp.sqrt(jnp.sum(d * d, axis=axes)), jnp.max(a, axis=axes))
 
 
-def finish(x0, best_adv, found, best_const, last_const) -> AttackResult:
-    """The result pytree: the original image (distortions 0) where nothing was found."""
+def finish(x0, best_adv, found, best_const=None, last_const=None) -> AttackResult:
+    """The result pytree: the original image (distortions 0) where nothing was found.
+
+    Args:
+      x0, best_adv: (B, ...) the originals and the best examples found; found: (B,) bool.
+      best_const, last_const: (B,) the constant c that produced ``best_adv`` and the last search step's c
+        (given for failures); both omitted by an attack without a constant, whose ``const`` is then NaN.
+    """
     adv = jnp.where(per_example(found, x0), best_adv, x0)
     l0, l1, l2, linf = distortions(adv, x0)
-    return AttackResult(adv=adv, success=found, l0=l0, l1=l1, l2=l2, linf=linf,
-                        const=jnp.where(found, best_const, last_const))
+    if best_const is None or last_const is None:
+        if best_const is not None or last_const is not None:
+            raise ValueError("finish: give both best_const and last_const, or neither")
+        const = jnp.full(found.shape, jnp.nan, jnp.float32)
+    else:
+        const = jnp.where(found, best_const, last_const)
+    return AttackResult(adv=adv, success=found, l0=l0, l1=l1, l2=l2, linf=linf, const=const)
 
 
 def per_example(v: jax.Array, x: jax.Array) -> jax.Array:
