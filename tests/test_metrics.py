@@ -136,6 +136,55 @@ def test_tpr_at_fpr_uses_the_threshold_rule():
     assert metrics.false_positive_rate(natural, 995.0) == 0.005
     with pytest.raises(ValueError, match="open interval"):
         metrics.tpr_at_fpr(natural, adversarial, 0.0)
+    # detection_rates passes the calibration set on to every rate
+    by_cal = metrics.detection_rates(natural, adversarial, (0.01, 0.05), calibration_scores=np.arange(100.0))
+    assert [r.threshold for r in by_cal] == [99.0, 95.0] and by_cal[0] == cal
+
+
+def test_nan_scores_count_as_flagged_where_allowed():
+    """A NaN score is not below any threshold, so it is flagged (the rule of ``thresholds.flags``): allowed
+    for the scores that are judged (natural in the FPR, adversarial), refused where scores set a threshold."""
+    assert metrics.false_positive_rate([np.nan, 0.0, 1.0], 0.5) == pytest.approx(2 / 3)
+    rate = metrics.tpr_at_fpr(np.arange(100.0), [np.nan, 0.0, 1000.0], 0.01)
+    assert rate.threshold == 99.0 and rate.tpr == pytest.approx(2 / 3)
+    for call in (lambda: metrics.tpr_at_fpr([0.0, np.nan], [1.0], 0.5),
+                 lambda: metrics.tpr_at_fpr([0.0, 1.0], [1.0], 0.5, calibration_scores=[np.nan, 1.0])):
+        with pytest.raises(ValueError, match="NaN"):
+            call()
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda bad: metrics.false_positive_rate(bad, 0.5), "natural_scores"),
+    (lambda bad: metrics.roc_auc(bad, [1.0]), "natural_scores"),
+    (lambda bad: metrics.roc_auc([1.0], bad), "adversarial_scores"),
+    (lambda bad: metrics.tpr_at_fpr(bad, [1.0], 0.5), "natural_scores"),
+    (lambda bad: metrics.tpr_at_fpr([1.0, 2.0], bad, 0.5), "adversarial_scores"),
+    (lambda bad: metrics.tpr_at_fpr([1.0, 2.0], [1.0], 0.5, calibration_scores=bad), "calibration_scores"),
+])
+def test_bad_scores_are_errors_naming_the_argument(call, name):
+    with pytest.raises(ValueError, match=rf"^{name} must be a non-empty 1-D array, got shape \(2, 1\)"):
+        call(np.zeros((2, 1)))
+    with pytest.raises(ValueError, match=rf"^{name} must be a non-empty 1-D array, got shape \(0,\)"):
+        call(np.zeros(0))
+    with pytest.raises(TypeError, match=rf"^{name} must be real numbers, got dtype bool"):
+        call(np.ones(2, bool))
+    with pytest.raises(TypeError, match=rf"^{name} must be real numbers"):
+        call(np.array(["a", "b"]))
+    call(np.arange(2, dtype=np.int32))                   # integer scores are real numbers
+
+
+@pytest.mark.parametrize("position, name", list(enumerate(["flagged", "reformed_correct", "original_correct", "where"])))
+@pytest.mark.parametrize("accuracy", [metrics.attack_accuracy, metrics.clean_accuracy])
+def test_bad_flags_are_errors_naming_the_argument(accuracy, position, name):
+    good = [np.ones(3, bool)] * 4
+    for bad, error, message in ((np.ones(3), TypeError, rf"^{name} must be a boolean array, got dtype float64"),
+                                (np.ones((3, 1), bool), ValueError, rf"^{name} must be 1-D \(N,\), got shape"),
+                                (np.ones(4, bool), ValueError, rf"^{name} has 4 entries, expected 3")):
+        if position == 0 and "entries" in message:
+            continue                                     # the first argument sets N
+        args = good[:position] + [bad] + good[position + 1:]
+        with pytest.raises(error, match=message):
+            accuracy(*args)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -244,6 +244,34 @@ def test_bad_inputs_raise_clear_errors():
         mi.mi_quantities(p, p, t, reading="joint")
 
 
+@pytest.mark.parametrize("name", ["p_x", "p_y", "table"])
+def test_bad_probabilities_are_errors_naming_the_argument(name):
+    good = {"p_x": jnp.full((2, 3), 1 / 3), "p_y": jnp.full((2, 3), 1 / 3), "table": jnp.full((2, 3, 3), 1 / 3)}
+    for bad, message in ((good[name] * 2, rf"^rows of {name} must sum to one"),
+                         (good[name][..., None], rf"^{name} must have rank"),
+                         (jnp.ones_like(good[name], jnp.int32), rf"^{name} must have a floating dtype")):
+        with pytest.raises((ValueError, TypeError), match=message):
+            mi.mi_quantities(**dict(good, **{name: bad}))
+        if name != "p_x":
+            with pytest.raises((ValueError, TypeError), match=message):
+                mi.conditional_entropy(**{k: v for k, v in dict(good, **{name: bad}).items() if k != "p_x"})
+
+
+def test_the_default_reading_is_literal():
+    """Every function taking a reading defaults to the literal one (the paper's formulas as written)."""
+    rng = np.random.default_rng(3)
+    p_x, p_y = (jnp.asarray(rng.dirichlet(np.ones(4), 2), jnp.float32) for _ in range(2))
+    table = jnp.asarray(rng.dirichlet(np.ones(4), (2, 4)), jnp.float32)
+    literal = mi.mi_quantities(p_x, p_y, table, reading="literal")
+    assert not np.allclose(literal.h_x, mi.mi_quantities(p_x, p_y, table, reading="consistent").h_x)
+    for got, want in zip(mi.mi_quantities(p_x, p_y, table), literal):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(mi.joint_entropy(p_x, p_y, table), literal.h_xy)
+    np.testing.assert_array_equal(mi.mutual_information(p_x, p_y, table), literal.mutual_information)
+    np.testing.assert_array_equal(mi.jaccard_distance(p_x, p_y, table), literal.jaccard)
+    np.testing.assert_allclose(mi.conditional_entropy(p_y, table), literal.h_x_given_y, rtol=1e-6)
+
+
 def test_dtype_is_preserved():
     p = jnp.full((2, 4), 0.25, jnp.bfloat16)
     t = jnp.full((2, 4, 4), 0.25, jnp.bfloat16)
@@ -291,12 +319,15 @@ def images(seed, b=3):
     return jnp.asarray(np.random.default_rng(seed).uniform(size=(b, H, W, C)), jnp.float32)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 10.0])
-def test_vectorised_table_equals_per_class_loop(temperature):
+@pytest.mark.parametrize("given", [None, 10.0])
+def test_vectorised_table_equals_per_class_loop(given):
+    """``given`` None: the default temperature, T = 1."""
+    temperature = 1.0 if given is None else given
+    t_arg = {} if given is None else {"temperature": given}
     params, nets = toy_networks()
     x = images(0)
     table = mi.conditional_table(nets["classifier"], params.classifier, nets["encoder"], params.encoder,
-                                 nets["generator"], params.generator, x, K, temperature)
+                                 nets["generator"], params.generator, x, K, **t_arg)
     chex.assert_shape(table, (3, K, K))
     z = nets["encoder"](params.encoder, x)
     rows = []
@@ -307,7 +338,7 @@ def test_vectorised_table_equals_per_class_loop(temperature):
     naive = jnp.stack(rows, axis=1)                                   # [b, j, i]
     np.testing.assert_allclose(table, naive, atol=1e-6)
     assert not np.allclose(naive[:, 0], naive[:, 1])                  # the conditions matter in this toy
-    out = mi.mi_score(params, x, **nets, temperature=temperature)
+    out = mi.mi_score(params, x, **nets, **t_arg)
     p_y = jax.nn.softmax(nets["classifier"](params.classifier, nets["reformer"](params.reformer, x)) / temperature)
     naive_h = sum(p_y[:, j] * sp_entropy(np.asarray(naive[:, j]), axis=-1) for j in range(K))
     np.testing.assert_allclose(out.quantities.h_x_given_y, naive_h, atol=1e-5)

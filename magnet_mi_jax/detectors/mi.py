@@ -93,9 +93,13 @@ class MIQuantities(NamedTuple):
     jaccard: jnp.ndarray
 
 
+def _conditional_entropy(p_y, table):
+    return jnp.sum(p_y * _entropy(table), axis=-1)                        # sum_j p_Y(j) H(P[j, :])
+
+
 def _mi_quantities(p_x, p_y, table, reading):
     h_y = _entropy(p_y)
-    h_x_given_y = jnp.sum(p_y * _entropy(table), axis=-1)                 # sum_j p_Y(j) H(P[j, :])
+    h_x_given_y = _conditional_entropy(p_y, table)
     if reading == "literal":
         h_x = _entropy(p_x)
         h_xy = h_y + h_x_given_y
@@ -110,6 +114,7 @@ def _mi_quantities(p_x, p_y, table, reading):
 
 # Jitted cores of the public checked functions: one compilation per shape, dtype and reading.
 _entropy_jit = jax.jit(_entropy)
+_conditional_entropy_jit = jax.jit(_conditional_entropy)
 _mi_quantities_jit = jax.jit(_mi_quantities, static_argnums=3)
 
 
@@ -158,7 +163,7 @@ def conditional_entropy(p_y, table) -> jnp.ndarray:
       (B,) conditional entropies in [0, log K].
     """
     _, p_y, table = _check_inputs(None, p_y, table)
-    out = _mi_quantities_jit(p_y, p_y, table, "literal").h_x_given_y
+    out = _conditional_entropy_jit(p_y, table)
     chex.assert_shape(out, p_y.shape[:1])
     return out
 
