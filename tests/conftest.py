@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -19,6 +21,26 @@ from magnet_mi_jax.models import alpha_gan, mnist_ae_i, mnist_ae_ii
 from train.common import small_classifier
 
 REPO = Path(__file__).resolve().parent.parent
+XLA_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+
+
+def pytest_configure(config):
+    """One persistent XLA compilation cache per test session, shared with the processes the tests start
+    (entry points, jax.distributed workers, the SIGKILLed campaign): many tests compile the same attack,
+    defense and training graphs in new closures or new processes, and XLA's compile dominates their time.
+    Only the compiled executables are cached (keyed by the HLO, the compile options and the jax version), so
+    results cannot change; a cache dir given in the environment is used and kept."""
+    if not os.environ.get(XLA_CACHE_ENV):
+        config._magnet_mi_xla_cache = tempfile.mkdtemp(prefix="magnet-mi-jax-xla-cache-")
+        os.environ[XLA_CACHE_ENV] = config._magnet_mi_xla_cache
+    jax.config.update("jax_compilation_cache_dir", os.environ[XLA_CACHE_ENV])
+
+
+def pytest_unconfigure(config):
+    made = getattr(config, "_magnet_mi_xla_cache", None)
+    if made:
+        shutil.rmtree(made, ignore_errors=True)
+        os.environ.pop(XLA_CACHE_ENV, None)
 
 
 @pytest.fixture(scope="session")
