@@ -82,8 +82,8 @@ def test_bad_scores_raise():
         thresholds.threshold_at_fpr(np.zeros((3, 3)), 0.1)
     with pytest.raises(ValueError, match="at least one"):
         thresholds.threshold_at_fpr(np.zeros(0), 0.1)
-    with pytest.raises(ValueError, match="^2 of 4 calibration scores are NaN or infinite"):
-        thresholds.threshold_at_fpr(np.array([1.0, np.nan, 2.0, -np.inf]), 0.5)
+    with pytest.raises(ValueError, match="^2 of 5 calibration scores are NaN or infinite"):
+        thresholds.threshold_at_fpr(np.array([1.0, np.nan, 2.0, 3.0, -np.inf]), 0.5)
     for bad in (10.0, True, "10", 0):                        # N must be an integer >= 1
         with pytest.raises(ValueError, match="need at least one calibration score"):
             thresholds.num_rejected(bad, 0.5)
