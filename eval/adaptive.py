@@ -24,7 +24,7 @@ interrupted run loses at most the call in progress; rerunning the command resume
 recorded in table.json (``attack_seconds``): the attacks on MI-MagNet dominate, since every iteration runs the
 generator and the classifier for all K conditions, forward and backward.
 
-Until commit c63177b this module called C&W's cell ``cw`` (the registry's is ``cw_l2``); results made then
+Before commit 709baf8 this module called C&W's cell ``cw`` (the registry's is ``cw_l2``); results made then
 (results/mnist-adaptive/) keep that name. ``--attacks`` still accepts it, and their cached examples and
 configuration are read under the new name (:data:`LEGACY_CELLS`), so rerunning their recorded command resumes
 from their cache.

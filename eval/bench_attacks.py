@@ -6,7 +6,9 @@
 Writes a Markdown report to stdout (and JSON with ``--json``). Ours is every attack run of the registry
 (:mod:`magnet_mi_jax.attacks.registry`, ``--attacks`` names runs) called exactly as ``eval.tables`` calls it,
 with the settings below as its protocol; the cell compared with Foolbox is :data:`FOOLBOX_CELLS`' (EAD's EN
-rule: the one Foolbox implements). For each attack and implementation:
+rule: the one Foolbox implements; the run keeps both rules' best examples, as the tables do, one more
+comparison per iteration than the EN-only calls that the figures in BENCHMARKS.md made before commit c63177b).
+For each attack and implementation:
 
 * image-iterations per second = images x iterations x search steps / wall time of the whole call (after a
   warm-up call that compiles; the same inputs), best of ``--repeats``;
