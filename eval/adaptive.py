@@ -53,6 +53,11 @@ from eval import protocol
 ATTACKS = ("ead_en", "ead_l1", "cw_l2")
 LEGACY_CELLS = {"cw": "cw_l2"}
 """Cell names of results made before the registry's names (module docstring) -> the registry's."""
+
+
+def current_cell(name: str) -> str:
+    """The registry's name of a cell named ``name`` by any version of this module."""
+    return LEGACY_CELLS.get(name, name)
 DEFENSES = ("magnet", "mi_magnet")
 DEFENSE_TITLES = {"magnet": "MagNet", "mi_magnet": "MI-MagNet"}
 TARGETS = ("oblivious",) + DEFENSES        # who the examples were crafted against
@@ -145,7 +150,7 @@ def load_call(path: Path) -> dict[str, dict[str, np.ndarray]] | None:
             cells: dict[str, dict[str, np.ndarray]] = {}
             for key in f.files:
                 attack, field = key.split("__")
-                cells.setdefault(LEGACY_CELLS.get(attack, attack), {})[field] = f[key]
+                cells.setdefault(current_cell(attack), {})[field] = f[key]
         return cells
     except (OSError, ValueError) as err:
         raise ValueError(f"cached examples {path} are unreadable ({err}); delete the file to recompute it") from err
@@ -191,7 +196,7 @@ def check_overwrite(config: AdaptiveConfig, out: Path, overwrite: bool = False) 
     if not (out / "table.json").exists() or overwrite:
         return
     old = json.loads((out / "table.json").read_text()).get("config") or {}
-    old["attacks"] = [LEGACY_CELLS.get(a, a) for a in old.get("attacks", [])]
+    old["attacks"] = [current_cell(a) for a in old.get("attacks", [])]
     if old != json.loads(json.dumps(dataclasses.asdict(config))):
         raise cli.OverwriteError(f"{out} holds an adaptive table of another configuration; choose another "
                                  "--out or pass --overwrite")
@@ -292,7 +297,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
              "as defended if a detector flags it or the reformed image is classified correctly.",
              ""]
     for attack in cfg["attacks"]:
-        lines += [f"## {registry.title(LEGACY_CELLS.get(attack, attack))}", "",
+        lines += [f"## {registry.title(current_cell(attack))}", "",
                   "| crafted against | kappa | success vs its target (%) | mean L1 | mean L2 | MagNet acc. | MI-MagNet acc. |",
                   "|---|---|---|---|---|---|---|"]
         for target in cfg["targets"]:
@@ -365,7 +370,7 @@ def build_config(args: argparse.Namespace) -> AdaptiveConfig:
     """The configuration the parsed flags name (unset flags: the dataset's defaults)."""
     base = AdaptiveConfig(dataset=args.dataset)
     fields = {"n_images": args.n_images, "kappas": _floats(args.kappas) if args.kappas else None,
-              "attacks": tuple(LEGACY_CELLS.get(a, a) for a in _names(args.attacks)) if args.attacks else None,
+              "attacks": tuple(current_cell(a) for a in _names(args.attacks)) if args.attacks else None,
               "targets": _names(args.targets) if args.targets else None, "iterations": args.iterations,
               "search_steps": args.search_steps, "const": args.const, "penalty": args.penalty, "fpr_factor": args.fpr_factor,
               "seed": args.seed}
