@@ -1,6 +1,6 @@
 """Where an attack iteration's time goes on this backend: the layer-level figures behind ``models/layers.py``.
 
-    python -m eval.probe_layers [--batch 100] [--repeats 20] [--json PATH] [--train-step]
+    python -m eval.probe_layers [--batch 100] [--repeats 20] [--json PATH] [--train-step] [--dataset cifar10]
 
 Times (milliseconds per call, the minimum over ``--repeats`` calls after a warm-up; batch of MNIST-shaped
 inputs, random values) each problem the custom layers fix, natively (``lax``, JAX's own transpose rules)
@@ -22,10 +22,11 @@ and with this package's layers:
    beside it the forward pass alone, of the plain network and of :class:`~magnet_mi_jax.models.MnistClassifier`
    (this package's layers).
 
-5. a training step of :class:`~magnet_mi_jax.models.MnistClassifier` as ``train.trainer`` runs it (SGD with
-   Nesterov momentum, dropout, cross-entropy; batch 128 whatever ``--batch`` says, MagNet's batch size),
-   compiled by ``jax.jit`` and by :func:`~magnet_mi_jax.models.layers.cpu_jit` (what the trainer uses).
-   ``--train-step`` times only this problem.
+5. a training step of ``--dataset``'s classifier (default MNIST) as ``train.trainer`` runs it (SGD with
+   Nesterov momentum, dropout, cross-entropy, the dataset's augmentation; batch 128 whatever ``--batch``
+   says, MagNet's batch size), compiled by ``jax.jit`` and by :func:`~magnet_mi_jax.models.layers.cpu_jit`
+   (what the trainer uses), beside its FLOP limit: XLA's FLOP count of the step at the rate of the jitted
+   forward pass (see :func:`probe_train_step`). ``--train-step`` times only this problem.
 
 The plain network of 4. is MagNet's MNIST classifier written with ``lax`` primitives only; it is checked to
 give the same logits as :class:`~magnet_mi_jax.models.MnistClassifier` on the same (random) parameters.
@@ -47,7 +48,7 @@ from jax import lax
 
 from magnet_mi_jax.attacks import fast_vjp
 from magnet_mi_jax.models import MnistClassifier, layers
-from magnet_mi_jax import cli
+from magnet_mi_jax import cli, datasets
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -151,20 +152,35 @@ def probe(batch: int = 100, repeats: int = 20) -> dict[str, dict[str, float]]:
     return out
 
 
-def probe_train_step(repeats: int = 20, batch: int = 128) -> dict[str, dict[str, float]]:
-    """Problem 5: one MNIST classifier training step, ``jax.jit`` vs ``cpu_jit`` (ms per step)."""
+def probe_train_step(repeats: int = 20, batch: int = 128, dataset: str = "mnist") -> dict[str, dict[str, float]]:
+    """Problem 5: one training step of ``dataset``'s classifier, ``jax.jit`` vs ``cpu_jit``, against its FLOP limit.
+
+    Besides the two steps (ms each), reports what bounds them on this backend:
+
+    * ``step_gflop`` and ``forward_gflop``: XLA's own count of the floating-point operations of the compiled
+      step and of the compiled forward pass at the same batch (``compiled.cost_analysis()["flops"]``);
+    * ``forward_ms``: the jitted inference forward pass (one fused graph on CPU), the fastest way this backend
+      runs these convolutions, and ``forward_gflops_per_s`` its rate;
+    * ``flop_limit_ms``: the step's FLOPs at the forward pass's rate, i.e. the time a step would take if every
+      operation of the backward pass ran as fast as the fused forward; ``cpu_jit_over_limit`` the measured step
+      over that limit (1 = no time lost beyond the arithmetic);
+    * ``matmul_2048_gflops_per_s``: a 2048 x 2048 float32 matrix product's rate, the backend's attainable
+      arithmetic rate, to say how far the fused forward itself is from it.
+    """
     import optax
 
+    from magnet_mi_jax import checkpoint, datasets
     from train import classifier, trainer
-    module = MnistClassifier()
-    config = classifier.config_for("mnist")
-    tx = classifier.optimizer(config)
-    params = module.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    image_shape = datasets.get(dataset).image_shape
+    module = checkpoint.model_spec(dataset, "classifier").build()
+    config = classifier.config_for(dataset)
+    tx = classifier.optimizer(config, steps_per_epoch=1)  # keras_decay ignores it
+    params = checkpoint.init_params(module, dataset, jax.random.key(0))
     state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key(1))
     rng = np.random.default_rng(0)
-    batch_ = {"image": jnp.asarray(rng.random((batch, 28, 28, 1), np.float32)),
+    batch_ = {"image": jnp.asarray(rng.random((batch, *image_shape), np.float32)),
               "label": jnp.asarray(rng.integers(0, 10, batch), jnp.int32)}
-    loss_fn = classifier.make_loss_fn(module, config, (28, 28, 1))
+    loss_fn = classifier.make_loss_fn(module, config, image_shape)
 
     def step(state, b):
         key = jax.random.fold_in(state.key, state.step)
@@ -175,8 +191,26 @@ def probe_train_step(repeats: int = 20, batch: int = 128) -> dict[str, dict[str,
     steps = {"jit": jax.jit(step), "cpu_jit": layers.cpu_jit(step)}
     ref, fast = steps["jit"](state, batch_), steps["cpu_jit"](state, batch_)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), ref.params, fast.params)
-    return {"classifier_training_step": {f"{name}_batch{batch}": _best_ms(lambda f=f: f(state, batch_), repeats)
-                                         for name, f in steps.items()}}
+    out = {f"{name}_batch{batch}": _best_ms(lambda f=f: f(state, batch_), repeats) for name, f in steps.items()}
+
+    forward = jax.jit(module.apply)
+    out["forward_ms"] = _best_ms(lambda: forward(params, batch_["image"]), repeats)
+    out["step_gflop"] = _gflop(steps["cpu_jit"], state, batch_)
+    out["forward_gflop"] = _gflop(forward, params, batch_["image"])
+    out["forward_gflops_per_s"] = out["forward_gflop"] / (out["forward_ms"] / 1e3)
+    out["flop_limit_ms"] = out["step_gflop"] / out["forward_gflops_per_s"] * 1e3
+    out["cpu_jit_over_limit"] = out[f"cpu_jit_batch{batch}"] / out["flop_limit_ms"]
+    a = jnp.asarray(rng.random((2048, 2048), np.float32))
+    matmul = jax.jit(jnp.matmul)
+    out["matmul_2048_gflops_per_s"] = 2 * 2048**3 / 1e9 / (_best_ms(lambda: matmul(a, a), repeats) / 1e3)
+    return {f"{dataset}_classifier_training_step": out}
+
+
+def _gflop(fn, *args) -> float:
+    """XLA's count of the floating-point operations of ``fn(*args)`` as compiled (GFLOP)."""
+    cost = fn.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost     # older jax: one dict per computation
+    return float(cost["flops"]) / 1e9
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -195,10 +229,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", default=None)
     parser.add_argument("--train-step", action="store_true", help="time only the training step (problem 5)")
+    parser.add_argument("--dataset", default="mnist", choices=datasets.names(),
+                        help="whose classifier the training step (problem 5) trains")
     args = parser.parse_args(argv)
     load_start = os.getloadavg()
     results = {} if args.train_step else probe(args.batch, args.repeats)
-    results.update(probe_train_step(args.repeats))
+    results.update(probe_train_step(args.repeats, dataset=args.dataset))
     report = {"batch": args.batch, "repeats": args.repeats, **cli.provenance(cli.command_line("eval.probe_layers")),
               "loadavg_start": load_start, "probe": results, "loadavg_end": os.getloadavg()}
     sys.stdout.write(to_markdown(report))

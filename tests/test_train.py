@@ -161,7 +161,7 @@ def test_cifar_classifier_trains_a_few_steps(cifar10):
     module = CifarClassifier()
     config = classifier.ClassifierConfig(epochs=1, batch_size=16, augment=True)
     params = module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    tx = classifier.optimizer(config)
+    tx = classifier.optimizer(config, steps_per_epoch=1)
     state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key(1))
     update_fn = trainer.make_update_fn(classifier.make_loss_fn(module, config, (32, 32, 3)), tx)
     batch = {"image": cifar10.train_x[:16], "label": cifar10.train_y[:16]}
@@ -170,6 +170,43 @@ def test_cifar_classifier_trains_a_few_steps(cifar10):
         state, metrics = update_fn(state, batch)
         losses.append(float(metrics["loss"]))
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_keras_decay_is_magnets_schedule_and_ignores_the_run_length():
+    config = classifier.ClassifierConfig(learning_rate=0.01, lr_decay=1e-6)
+    for steps_per_epoch in (1, 351):
+        schedule = classifier.SCHEDULES["keras_decay"](config, steps_per_epoch)
+        for step in (0, 1, 1000, 10**6):
+            np.testing.assert_allclose(float(schedule(step)), 0.01 / (1 + 1e-6 * step), rtol=1e-6)
+
+
+def test_warmup_cosine_rises_linearly_then_falls_to_zero_at_the_last_step():
+    config = classifier.ClassifierConfig(epochs=10, learning_rate=0.05, schedule="warmup_cosine", warmup_epochs=2)
+    schedule = classifier.SCHEDULES["warmup_cosine"](config, steps_per_epoch=100)
+    lrs = np.asarray(schedule(jnp.arange(1001)), np.float64)
+    np.testing.assert_allclose(lrs[:201], np.linspace(0, 0.05, 201), atol=1e-7)       # warm-up: 200 steps
+    np.testing.assert_allclose(lrs[600], 0.025, rtol=1e-5)                           # half way down: lr / 2
+    assert lrs[1000] == pytest.approx(0.0, abs=1e-9) and np.all(np.diff(lrs[200:]) <= 1e-9)
+    with pytest.raises(ValueError, match=r"warmup_epochs=10 must lie in \[0, epochs=10\)"):
+        classifier.optimizer(dataclasses.replace(config, warmup_epochs=10), steps_per_epoch=100)
+    with pytest.raises(ValueError, match="unknown schedule 'step'; choose one of keras_decay, warmup_cosine"):
+        classifier.optimizer(dataclasses.replace(config, schedule="step"), steps_per_epoch=100)
+
+
+def test_a_cosine_run_records_its_length_and_a_keras_run_records_what_older_cards_did(tmp_path, data_dir):
+    common_args = ["--dataset", "mnist", "--data-dir", str(data_dir), "--train-limit", "128", "--batch-size", "64"]
+    parse = lambda extra: classifier.plan([*common_args, *extra]).run_config       # noqa: E731
+    keras = parse(["--epochs", "3"])
+    assert "epochs" not in keras["config"] and "schedule" not in keras["config"]
+    assert set(keras["config"]) == {"augment", "batch_size", "learning_rate", "lr_decay", "momentum"}
+    cosine = parse(["--epochs", "3", "--schedule", "warmup_cosine", "--warmup-epochs", "1"])
+    assert cosine["config"]["epochs"] == 3 and cosine["config"]["schedule"] == "warmup_cosine"
+    assert cosine["config"]["warmup_epochs"] == 1.0
+    # A cosine run asked for more epochs is another run: its work folder refuses it.
+    trainer.check_run_config(tmp_path, cosine, has_checkpoints=False)
+    with pytest.raises(trainer.RunConfigError, match="config.epochs: 3 in the folder, 4 now"):
+        trainer.check_run_config(tmp_path, parse(["--epochs", "4", "--schedule", "warmup_cosine",
+                                                  "--warmup-epochs", "1"]), has_checkpoints=True)
 
 
 def test_load_model_errors(tmp_path):

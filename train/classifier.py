@@ -7,6 +7,12 @@ Configs (MagNet's training parameters; Trevillie/MagNet ``train_models.py``):
   test accuracy and the wall time).
 * CIFAR-10: the same optimiser with random shifts of up to 10% (3 px, edge padding) and horizontal flips.
 
+Learning-rate schedules (``--schedule``, :data:`SCHEDULES`): ``keras_decay`` (MagNet's, the default) or
+``warmup_cosine`` (linear warm-up over ``--warmup-epochs`` to ``--lr``, then a cosine decay to 0 at the last
+step: a run a fraction of MagNet's length still ends at a small learning rate; what the shipped CIFAR-10 weights
+use, see the README). The cosine schedule depends on the epoch count, so a ``warmup_cosine`` run cannot be
+extended by more epochs (its work folder refuses the change); a ``keras_decay`` run can.
+
 Run state lives in ``--workdir`` (default ``workdirs/<dataset>/classifier``): interrupt at any time and rerun
 the same command to resume. At the end the weights go to ``checkpoints/<dataset>/classifier`` with a card
 (``meta.json``) holding the command, seed, config and the measured test accuracy.
@@ -14,15 +20,17 @@ the same command to resume. At the end the weights go to ``checkpoints/<dataset>
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from magnet_mi_jax import checkpoint, cli, datasets
+from magnet_mi_jax import checkpoint, cli, data, datasets
 from magnet_mi_jax.utils import map_batches
 from train import common, trainer
 
@@ -35,6 +43,27 @@ class ClassifierConfig:
     momentum: float = 0.9
     lr_decay: float = 1e-6        # Keras SGD decay: lr_t = lr / (1 + decay * t)
     augment: bool = False         # random shift (10%) + horizontal flip
+    schedule: str = "keras_decay"  # a key of SCHEDULES
+    warmup_epochs: float = 0.0    # warmup_cosine only
+
+
+def keras_decay(config: ClassifierConfig, steps_per_epoch: int) -> optax.Schedule:
+    """MagNet's schedule (Keras SGD ``decay``): lr_t = lr / (1 + decay * t), t the step."""
+    del steps_per_epoch
+    return lambda step: config.learning_rate / (1.0 + config.lr_decay * step)
+
+
+def warmup_cosine(config: ClassifierConfig, steps_per_epoch: int) -> optax.Schedule:
+    """Linear warm-up from 0 to lr over ``warmup_epochs``, then cosine decay to 0 at ``epochs``' last step."""
+    total = config.epochs * steps_per_epoch
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    if not 0 <= warmup < total:
+        raise ValueError(f"warmup_epochs={config.warmup_epochs} must lie in [0, epochs={config.epochs})")
+    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, total, end_value=0.0)
+
+
+#: Learning-rate schedules by name: ``(config, steps_per_epoch) -> optax.Schedule``.
+SCHEDULES = {"keras_decay": keras_decay, "warmup_cosine": warmup_cosine}
 
 
 def config_for(dataset: str) -> ClassifierConfig:
@@ -43,9 +72,11 @@ def config_for(dataset: str) -> ClassifierConfig:
     return ClassifierConfig(**datasets.get(dataset).training.get("classifier", {}))
 
 
-def optimizer(config: ClassifierConfig) -> optax.GradientTransformation:
-    schedule = lambda step: config.learning_rate / (1.0 + config.lr_decay * step)  # noqa: E731
-    return optax.sgd(schedule, momentum=config.momentum, nesterov=True)
+def optimizer(config: ClassifierConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """MagNet's optimiser, SGD with Nesterov momentum, on ``config.schedule``'s learning rates."""
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {config.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    return optax.sgd(SCHEDULES[config.schedule](config, steps_per_epoch), momentum=config.momentum, nesterov=True)
 
 
 def augment(images: jnp.ndarray, key: jax.Array, max_shift: int) -> jnp.ndarray:
@@ -80,20 +111,48 @@ def make_loss_fn(module, config: ClassifierConfig, image_shape):
     return loss_fn
 
 
-def main(argv: list[str] | None = None) -> dict:
+class RunPlan(NamedTuple):
+    """A classifier run as its command line describes it, before any training."""
+
+    args: argparse.Namespace
+    command: str
+    config: ClassifierConfig
+    ds: data.Dataset
+    steps_per_epoch: int
+    run_config: dict          # what the work folder and the exported card record (train.common.run_config)
+
+
+def plan(argv: list[str] | None = None) -> RunPlan:
+    """Parses the command line, loads the data and describes the run (no training, nothing written)."""
     parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--schedule", choices=tuple(SCHEDULES), default=None,
+                        help="learning-rate schedule (default: the dataset's config, MagNet's keras_decay)")
+    parser.add_argument("--warmup-epochs", type=float, default=None, help="warm-up length of warmup_cosine")
     args = parser.parse_args(argv)
-    command = cli.command_line("train.classifier", argv)
     config = common.override(config_for(args.dataset), args)
+    config = dataclasses.replace(config, **{k: v for k, v in (("schedule", args.schedule),
+                                                              ("warmup_epochs", args.warmup_epochs)) if v is not None})
     ds = common.load_data(args)
-    run_config = common.run_config(args, "classifier", config, ds)
+    steps_per_epoch = len(ds.train_x) // config.batch_size
+    optimizer(config, steps_per_epoch)      # an unknown schedule or a bad warm-up fails before any work
+    # Keras decay does not depend on the run's length, so such a run may be extended by more epochs; its
+    # schedule fields are left out of the record as well (records made before schedules were an option describe
+    # keras_decay runs without naming it, and stay resumable), a cosine run records them and its epoch count.
+    run_config = common.run_config(args, "classifier", config, ds,
+                                   resumable_fields=(("epochs", "schedule", "warmup_epochs")
+                                                     if config.schedule == "keras_decay" else ()))
+    return RunPlan(args, cli.command_line("train.classifier", argv), config, ds, steps_per_epoch, run_config)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, command, config, ds, steps_per_epoch, run_config = plan(argv)
     common.check_export_target(args, "classifier", run_config)
 
     spec = checkpoint.model_spec(args.dataset, "classifier")
     module = spec.build()
     init_key, state_key = jax.random.split(jax.random.key(args.seed))
     params = checkpoint.init_params(module, args.dataset, init_key)
-    tx = optimizer(config)
+    tx = optimizer(config, steps_per_epoch)
     state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), state_key)
 
     predict = jax.jit(functools.partial(module.apply))
