@@ -165,7 +165,7 @@ def probe_train_step(repeats: int = 20, batch: int = 128, dataset: str = "mnist"
       operation of the backward pass ran as fast as the fused forward; ``cpu_jit_over_limit`` the measured step
       over that limit (1 = no time lost beyond the arithmetic);
     * ``matmul_2048_gflops_per_s``: a 2048 x 2048 float32 matrix product's rate, the backend's attainable
-      arithmetic rate, to say how far the fused forward itself is from it.
+      arithmetic rate, and ``matmul_limit_ms`` / ``cpu_jit_over_matmul_limit`` the step against it.
     """
     import optax
 
@@ -203,6 +203,8 @@ def probe_train_step(repeats: int = 20, batch: int = 128, dataset: str = "mnist"
     a = jnp.asarray(rng.random((2048, 2048), np.float32))
     matmul = jax.jit(jnp.matmul)
     out["matmul_2048_gflops_per_s"] = 2 * 2048**3 / 1e9 / (_best_ms(lambda: matmul(a, a), repeats) / 1e3)
+    out["matmul_limit_ms"] = out["step_gflop"] / out["matmul_2048_gflops_per_s"] * 1e3
+    out["cpu_jit_over_matmul_limit"] = out[f"cpu_jit_batch{batch}"] / out["matmul_limit_ms"]
     return {f"{dataset}_classifier_training_step": out}
 
 
@@ -214,7 +216,8 @@ def _gflop(fn, *args) -> float:
 
 
 def to_markdown(report: dict[str, Any]) -> str:
-    lines = [f"## Layer probe: batch {report['batch']}, best of {report['repeats']} calls", "",
+    batch = "training step only" if report.get("train_step_only") else f"batch {report['batch']}"
+    lines = [f"## Layer probe: {batch}, best of {report['repeats']} calls", "",
              f"Device {report['device']}, load average {report['loadavg_start'][0]:.2f} -> "
              f"{report['loadavg_end'][0]:.2f}, commit {report['git_commit'][:12]}.", "",
              "| problem | variant | ms |", "|---|---|---:|"]
@@ -235,7 +238,8 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()
     results = {} if args.train_step else probe(args.batch, args.repeats)
     results.update(probe_train_step(args.repeats, dataset=args.dataset))
-    report = {"batch": args.batch, "repeats": args.repeats, **cli.provenance(cli.command_line("eval.probe_layers")),
+    report = {"batch": args.batch, "repeats": args.repeats, "train_step_only": args.train_step,
+              **cli.provenance(cli.command_line("eval.probe_layers")),
               "loadavg_start": load_start, "probe": results, "loadavg_end": os.getloadavg()}
     sys.stdout.write(to_markdown(report))
     if args.json:
