@@ -193,20 +193,37 @@ def test_warmup_cosine_rises_linearly_then_falls_to_zero_at_the_last_step():
         classifier.optimizer(dataclasses.replace(config, schedule="step"), steps_per_epoch=100)
 
 
+def test_initialisers_draw_kernels_at_their_variance_and_keep_everything_else():
+    module = CifarClassifier()
+    key = jax.random.key(4)
+    own = classifier.initial_params(module, "cifar10", "default", key)
+    jax.tree.map(np.testing.assert_array_equal, own, checkpoint.init_params(module, "cifar10", jax.random.split(key)[0]))
+    for init, variance in (("he_normal", lambda i, o: 2.0 / i), ("glorot_uniform", lambda i, o: 2.0 / (i + o))):
+        params = classifier.initial_params(module, "cifar10", init, key)["params"]
+        for name in ("conv1", "conv4", "conv6"):            # (3, 3, C_in, C_out) kernels
+            kernel = np.asarray(params[name]["kernel"])
+            fan_in, fan_out = 9 * kernel.shape[2], 9 * kernel.shape[3]
+            np.testing.assert_allclose(kernel.var(), variance(fan_in, fan_out), rtol=0.05)
+            np.testing.assert_array_equal(params[name]["bias"], own["params"][name]["bias"])
+    with pytest.raises(ValueError, match="unknown init 'orthogonal'; choose one of default, glorot_uniform, he_normal"):
+        classifier.initial_params(module, "cifar10", "orthogonal", key)
+
+
 def test_a_cosine_run_records_its_length_and_a_keras_run_records_what_older_cards_did(tmp_path, data_dir):
     common_args = ["--dataset", "mnist", "--data-dir", str(data_dir), "--train-limit", "128", "--batch-size", "64"]
     parse = lambda extra: classifier.plan([*common_args, *extra]).run_config       # noqa: E731
     keras = parse(["--epochs", "3"])
     assert "epochs" not in keras["config"] and "schedule" not in keras["config"]
     assert set(keras["config"]) == {"augment", "batch_size", "learning_rate", "lr_decay", "momentum"}
-    cosine = parse(["--epochs", "3", "--schedule", "warmup_cosine", "--warmup-epochs", "1"])
+    cosine = parse(["--epochs", "3", "--schedule", "warmup_cosine", "--warmup-epochs", "1", "--init", "he_normal"])
     assert cosine["config"]["epochs"] == 3 and cosine["config"]["schedule"] == "warmup_cosine"
-    assert cosine["config"]["warmup_epochs"] == 1.0
+    assert cosine["config"]["warmup_epochs"] == 1.0 and cosine["config"]["init"] == "he_normal"
     # A cosine run asked for more epochs is another run: its work folder refuses it.
     trainer.check_run_config(tmp_path, cosine, has_checkpoints=False)
     with pytest.raises(trainer.RunConfigError, match="config.epochs: 3 in the folder, 4 now"):
         trainer.check_run_config(tmp_path, parse(["--epochs", "4", "--schedule", "warmup_cosine",
-                                                  "--warmup-epochs", "1"]), has_checkpoints=True)
+                                                  "--warmup-epochs", "1", "--init", "he_normal"]),
+                                 has_checkpoints=True)
 
 
 def test_load_model_errors(tmp_path):

@@ -7,6 +7,9 @@ Configs (MagNet's training parameters; Trevillie/MagNet ``train_models.py``):
   test accuracy and the wall time).
 * CIFAR-10: the same optimiser with random shifts of up to 10% (3 px, edge padding) and horizontal flips.
 
+Kernel initialisation (``--init``, :data:`INITS`): the network's own (the default), Keras' ``glorot_uniform``
+or ``he_normal``.
+
 Learning-rate schedules (``--schedule``, :data:`SCHEDULES`): ``keras_decay`` (MagNet's, the default) or
 ``warmup_cosine`` (linear warm-up over ``--warmup-epochs`` to ``--lr``, then a cosine decay to 0 at the last
 step: a run a fraction of MagNet's length still ends at a small learning rate; what the shipped CIFAR-10 weights
@@ -45,6 +48,12 @@ class ClassifierConfig:
     augment: bool = False         # random shift (10%) + horizontal flip
     schedule: str = "keras_decay"  # a key of SCHEDULES
     warmup_epochs: float = 0.0    # warmup_cosine only
+    init: str = "default"         # a key of INITS: how the convolution and dense kernels start
+
+
+#: Fields added after the first cards were written: left out of a run's record while at their default, so that
+#: the records written before them (which describe runs at those defaults) stay resumable and comparable.
+LATER_FIELDS = ("schedule", "warmup_epochs", "init")
 
 
 def keras_decay(config: ClassifierConfig, steps_per_epoch: int) -> optax.Schedule:
@@ -64,6 +73,32 @@ def warmup_cosine(config: ClassifierConfig, steps_per_epoch: int) -> optax.Sched
 
 #: Learning-rate schedules by name: ``(config, steps_per_epoch) -> optax.Schedule``.
 SCHEDULES = {"keras_decay": keras_decay, "warmup_cosine": warmup_cosine}
+
+#: Kernel initialisers by name (biases start at 0 in all): ``default`` keeps the network's own (Flax's LeCun
+#: normal, Var = 1/fan_in); ``glorot_uniform`` is Keras' default, what MagNet's Keras networks started from
+#: (Var = 2/(fan_in + fan_out)); ``he_normal`` (Var = 2/fan_in, He et al. 2015) keeps the activations' variance
+#: through ReLU layers, so a deep plain ReLU network's logits do not start near 0.
+INITS = {"default": None, "glorot_uniform": jax.nn.initializers.glorot_uniform(),
+         "he_normal": jax.nn.initializers.he_normal()}
+
+
+def initial_params(module, dataset: str, init: str, key: jax.Array):
+    """``{"params": ...}`` of ``module`` for ``dataset``, its kernels drawn by ``INITS[init]``.
+
+    Every leaf named ``kernel`` (HWIO convolutions, (in, out) dense layers: fan-in and fan-out are read from
+    those layouts) is redrawn with its own key; the other leaves keep the module's initialisation.
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    module_key, kernel_key = jax.random.split(key)
+    params = checkpoint.init_params(module, dataset, module_key)
+    if INITS[init] is None:
+        return params
+    paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(kernel_key, len(paths))
+    leaves = [INITS[init](k, leaf.shape, leaf.dtype) if getattr(path[-1], "key", None) == "kernel" else leaf
+              for k, (path, leaf) in zip(keys, paths)]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def config_for(dataset: str) -> ClassifierConfig:
@@ -128,19 +163,22 @@ def plan(argv: list[str] | None = None) -> RunPlan:
     parser.add_argument("--schedule", choices=tuple(SCHEDULES), default=None,
                         help="learning-rate schedule (default: the dataset's config, MagNet's keras_decay)")
     parser.add_argument("--warmup-epochs", type=float, default=None, help="warm-up length of warmup_cosine")
+    parser.add_argument("--init", choices=tuple(INITS), default=None,
+                        help="kernel initialisation (default: the network's own, Flax's LeCun normal)")
     args = parser.parse_args(argv)
     config = common.override(config_for(args.dataset), args)
-    config = dataclasses.replace(config, **{k: v for k, v in (("schedule", args.schedule),
+    config = dataclasses.replace(config, **{k: v for k, v in (("schedule", args.schedule), ("init", args.init),
                                                               ("warmup_epochs", args.warmup_epochs)) if v is not None})
     ds = common.load_data(args)
     steps_per_epoch = len(ds.train_x) // config.batch_size
     optimizer(config, steps_per_epoch)      # an unknown schedule or a bad warm-up fails before any work
-    # Keras decay does not depend on the run's length, so such a run may be extended by more epochs; its
-    # schedule fields are left out of the record as well (records made before schedules were an option describe
-    # keras_decay runs without naming it, and stay resumable), a cosine run records them and its epoch count.
+    # Keras decay does not depend on the run's length, so such a run may be extended by more epochs; a cosine
+    # run records its epoch count.
+    defaults = ClassifierConfig()
+    unrecorded = tuple(f for f in LATER_FIELDS if getattr(config, f) == getattr(defaults, f))
     run_config = common.run_config(args, "classifier", config, ds,
-                                   resumable_fields=(("epochs", "schedule", "warmup_epochs")
-                                                     if config.schedule == "keras_decay" else ()))
+                                   resumable_fields=unrecorded + (("epochs",) if config.schedule == "keras_decay"
+                                                                  else ()))
     return RunPlan(args, cli.command_line("train.classifier", argv), config, ds, steps_per_epoch, run_config)
 
 
@@ -151,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     spec = checkpoint.model_spec(args.dataset, "classifier")
     module = spec.build()
     init_key, state_key = jax.random.split(jax.random.key(args.seed))
-    params = checkpoint.init_params(module, args.dataset, init_key)
+    params = initial_params(module, args.dataset, config.init, init_key)
     tx = optimizer(config, steps_per_epoch)
     state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), state_key)
 

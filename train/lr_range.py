@@ -62,19 +62,18 @@ def summarise(lrs: np.ndarray, losses: np.ndarray, beta: float, skip: int = 10) 
 
 def lr_range(dataset: str, train_x: np.ndarray, train_y: np.ndarray, *, steps: int = 300, lr_min: float = 1e-4,
              lr_max: float = 1.0, seed: int = 0, beta: float = 0.98, batch_size: int | None = None,
-             log=print) -> dict:
+             init: str = "default", log=print) -> dict:
     """Runs the test; returns ``{"lrs", "losses", "seconds_per_step", "summary", ...}`` (lists per step)."""
     if not 0 < lr_min < lr_max:
         raise ValueError(f"need 0 < lr_min < lr_max, got {lr_min}, {lr_max}")
     config = classifier.config_for(dataset)
-    if batch_size is not None:
-        config = dataclasses.replace(config, batch_size=batch_size)
+    config = dataclasses.replace(config, init=init, **({} if batch_size is None else {"batch_size": batch_size}))
     n = len(train_x)
     if n < config.batch_size:
         raise ValueError(f"{n} training images is fewer than one batch of {config.batch_size}")
     module = checkpoint.model_spec(dataset, "classifier").build()
     init_key, state_key = jax.random.split(jax.random.key(seed))
-    params = checkpoint.init_params(module, dataset, init_key)
+    params = classifier.initial_params(module, dataset, config.init, init_key)
     schedule = optax.exponential_decay(lr_min, transition_steps=max(steps - 1, 1), decay_rate=lr_max / lr_min)
     tx = optax.sgd(schedule, momentum=config.momentum, nesterov=True)
     state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), state_key)
@@ -111,12 +110,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr-max", type=float, default=1.0)
     parser.add_argument("--beta", type=float, default=0.98, help="smoothing of the loss (EMA)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the dataset's recipe")
+    parser.add_argument("--init", choices=tuple(classifier.INITS), default="default", help="kernel initialisation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write every step's lr and loss here")
     args = parser.parse_args(argv)
     ds = cli.load_data(args)
     report = lr_range(args.dataset, ds.train_x, ds.train_y, steps=args.steps, lr_min=args.lr_min,
-                      lr_max=args.lr_max, seed=args.seed, beta=args.beta, batch_size=args.batch_size)
+                      lr_max=args.lr_max, seed=args.seed, beta=args.beta, batch_size=args.batch_size,
+                      init=args.init)
     report.update(cli.provenance(cli.command_line("train.lr_range", argv), ds))
     summary = report["summary"]
     print(f"{report['steps_run']} steps, {report['seconds_per_step']:.2f} s per step; steepest descent at lr "
