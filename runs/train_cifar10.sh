@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# CIFAR-10's networks on this 2-core CPU (issue 14), one after another; every step resumes from its work folder
+# (rerun this script to continue). The classifier: MagNet's network and optimiser (SGD, Nesterov 0.9, batch 128,
+# shift + flip augmentation) on a schedule sized for about 8 CPU hours: 24 epochs of ~20 minutes (BENCHMARKS.md),
+# one epoch of linear warm-up to 0.015, then cosine decay to 0, He-normal kernels. Why these: README, "Trained
+# weights" (the range tests in results/cifar10/lr_range*.json).
+set -u
+cd "$(dirname "$0")/.."
+. .venv/bin/activate
+export MAGNET_MI_DATA_DIR="${MAGNET_MI_DATA_DIR:-$(cd .. && pwd)/shared/data}"
+python -m train.classifier --dataset cifar10 --epochs 24 --schedule warmup_cosine --warmup-epochs 1 --lr 0.015 \
+  --init he_normal --seed 0 --workdir runs/cifar10/classifier >> runs/logs/cifar10_classifier.log 2>&1 || exit 1
+python -m train.autoencoder --dataset cifar10 --which ae --seed 0 --workdir runs/cifar10/ae \
+  >> runs/logs/cifar10_ae.log 2>&1 || exit 1
