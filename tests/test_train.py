@@ -197,7 +197,7 @@ def test_initialisers_draw_kernels_at_their_variance_and_keep_everything_else():
     module = CifarClassifier()
     key = jax.random.key(4)
     own = classifier.initial_params(module, "cifar10", "default", key)
-    jax.tree.map(np.testing.assert_array_equal, own, checkpoint.init_params(module, "cifar10", jax.random.split(key)[0]))
+    jax.tree.map(np.testing.assert_array_equal, own, checkpoint.init_params(module, "cifar10", key))   # as before
     for init, variance in (("he_normal", lambda i, o: 2.0 / i), ("glorot_uniform", lambda i, o: 2.0 / (i + o))):
         params = classifier.initial_params(module, "cifar10", init, key)["params"]
         for name in ("conv1", "conv4", "conv6"):            # (3, 3, C_in, C_out) kernels

@@ -85,17 +85,18 @@ INITS = {"default": None, "glorot_uniform": jax.nn.initializers.glorot_uniform()
 def initial_params(module, dataset: str, init: str, key: jax.Array):
     """``{"params": ...}`` of ``module`` for ``dataset``, its kernels drawn by ``INITS[init]``.
 
-    Every leaf named ``kernel`` (HWIO convolutions, (in, out) dense layers: fan-in and fan-out are read from
-    those layouts) is redrawn with its own key; the other leaves keep the module's initialisation.
+    ``default`` is exactly the module's own initialisation from ``key`` (so runs made before this option
+    existed are reproduced); otherwise every leaf named ``kernel`` (HWIO convolutions, (in, out) dense layers:
+    fan-in and fan-out are read from those layouts) is redrawn with its own key; the other leaves keep the
+    module's initialisation.
     """
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
-    module_key, kernel_key = jax.random.split(key)
-    params = checkpoint.init_params(module, dataset, module_key)
+    params = checkpoint.init_params(module, dataset, key)
     if INITS[init] is None:
         return params
     paths, treedef = jax.tree_util.tree_flatten_with_path(params)
-    keys = jax.random.split(kernel_key, len(paths))
+    keys = jax.random.split(jax.random.fold_in(key, 1), len(paths))
     leaves = [INITS[init](k, leaf.shape, leaf.dtype) if getattr(path[-1], "key", None) == "kernel" else leaf
               for k, (path, leaf) in zip(keys, paths)]
     return jax.tree_util.tree_unflatten(treedef, leaves)
