@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import time
 
@@ -62,7 +63,7 @@ def summarise(lrs: np.ndarray, losses: np.ndarray, beta: float, skip: int = 10) 
 
 def lr_range(dataset: str, train_x: np.ndarray, train_y: np.ndarray, *, steps: int = 300, lr_min: float = 1e-4,
              lr_max: float = 1.0, seed: int = 0, beta: float = 0.98, batch_size: int | None = None,
-             init: str = "default", log=print) -> dict:
+             init: str = "default", log=functools.partial(print, flush=True)) -> dict:
     """Runs the test; returns ``{"lrs", "losses", "seconds_per_step", "summary", ...}`` (lists per step)."""
     if not 0 < lr_min < lr_max:
         raise ValueError(f"need 0 < lr_min < lr_max, got {lr_min}, {lr_max}")
@@ -114,11 +115,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write every step's lr and loss here")
     args = parser.parse_args(argv)
+    commit = cli.git_commit()        # the code the run starts with, whatever is committed while it runs
     ds = cli.load_data(args)
     report = lr_range(args.dataset, ds.train_x, ds.train_y, steps=args.steps, lr_min=args.lr_min,
                       lr_max=args.lr_max, seed=args.seed, beta=args.beta, batch_size=args.batch_size,
                       init=args.init)
-    report.update(cli.provenance(cli.command_line("train.lr_range", argv), ds))
+    report.update(cli.provenance(cli.command_line("train.lr_range", argv), ds, commit=commit))
     summary = report["summary"]
     print(f"{report['steps_run']} steps, {report['seconds_per_step']:.2f} s per step; steepest descent at lr "
           f"{summary['steepest_lr']:.3g}; diverged at {summary['diverged_lr']}")
