@@ -169,7 +169,7 @@ def probe_train_step(repeats: int = 20, batch: int = 128, dataset: str = "mnist"
     """
     import optax
 
-    from magnet_mi_jax import checkpoint, datasets
+    from magnet_mi_jax import checkpoint
     from train import classifier, trainer
     image_shape = datasets.get(dataset).image_shape
     module = checkpoint.model_spec(dataset, "classifier").build()
