@@ -152,13 +152,12 @@ def small_classifier(train_x: np.ndarray, train_y: np.ndarray, *, n: int = 12800
     Nesterov, batch 128, dropout on; deterministic for a given ``seed``.
     """
     from magnet_mi_jax.models import MnistClassifier
-    from magnet_mi_jax.models.layers import cpu_jit
     module = MnistClassifier()
     params = module.init(jax.random.key(seed), jnp.zeros((1, 28, 28, 1)))
     tx = optax.sgd(0.05, momentum=0.9, nesterov=True)
     opt_state = tx.init(params)
 
-    @cpu_jit      # the trainer's compilation: lone convolutions on Eigen, 1.5-2.5x faster steps on CPU
+    @jax.jit
     def step(params, opt_state, x, y, key):
         def loss_fn(p):
             logits = module.apply(p, x, train=True, rngs={"dropout": key})
