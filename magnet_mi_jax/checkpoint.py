@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -62,6 +62,23 @@ def init_params(module: nn.Module, dataset: str, key: jax.Array, batch: int = 1)
     """``{"params": ...}`` of ``module`` initialised for ``dataset``'s image shape (other collections dropped)."""
     x = jnp.zeros((batch, *datasets.get(dataset).image_shape), jnp.float32)
     return {"params": module.init(key, x)["params"]}
+
+
+def network_init(dataset: str, name: str) -> Callable[[nn.Module, jax.Array], Any]:
+    """``(module, key) -> params`` for network ``name`` of ``dataset``: its spec's own ``init`` where it has one
+    (the alpha-GAN, which also takes a condition), else :func:`init_params` on the dataset's image shape.
+
+    Example:
+      >>> init = network_init("mnist", "classifier")
+      >>> module = model_spec("mnist", "classifier").build()
+      >>> params = jax.jit(init, static_argnums=0)(module, jax.random.key(0))
+      >>> sum(leaf.size for leaf in jax.tree.leaves(params))  # MagNet's MNIST classifier
+      312202
+    """
+    spec = model_spec(dataset, name)
+    if spec.init is not None:
+        return spec.init
+    return lambda module, key: init_params(module, dataset, key)
 
 
 def params_digest(tree: Any) -> str:
@@ -144,8 +161,7 @@ def load_model(dataset: str, name: str, checkpoints: str | os.PathLike | None = 
         where = "" if root == DEFAULT_CHECKPOINTS else f" --checkpoints {root}"
         raise CheckpointError(f"no trained {dataset}/{name} at {directory}; train it with: "
                               f"{datasets.get(dataset).train_command(name)}{where}")
-    template = (spec.init(module, jax.random.key(0)) if spec.init is not None
-                else init_params(module, dataset, jax.random.key(0)))
+    template = network_init(dataset, name)(module, jax.random.key(0))
     params, meta = load_params(directory, template), read_meta(directory)
     verify_digest(directory, params, meta)
     return module, params, meta

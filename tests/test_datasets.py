@@ -27,7 +27,7 @@ def test_every_registered_dataset_config_holds_together(name):
     # only (jax.eval_shape): shapes are what is checked, and running the inits eagerly took about a minute.
     for key, spec in config.networks.items():
         module = spec.build()
-        init = spec.init or (lambda module, key: checkpoint.init_params(module, name, key))
+        init = checkpoint.network_init(name, key)
         params = jax.eval_shape(lambda key: init(module, key), jax.random.key(0))
         if spec.kind == "classifier":
             logits = jax.eval_shape(module.apply, params, np.zeros((2, *config.image_shape), np.float32))

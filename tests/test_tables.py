@@ -412,7 +412,7 @@ def tiny_cifar_setup(tmp_path_factory, cifar10):
     ckpt = tmp_path_factory.mktemp("cifar_tables") / "checkpoints"
     for i, (name, spec) in enumerate(datasets.get("cifar10").networks.items()):
         module = spec.build()
-        init = spec.init or (lambda module, key: checkpoint.init_params(module, "cifar10", key))
+        init = checkpoint.network_init("cifar10", name)
         params = jax.jit(init, static_argnums=0)(module, jax.random.key(i))        # eager inits take a minute
         checkpoint.save_params(ckpt / "cifar10" / name, params, {"command": "untrained"})
     small = dataclasses.replace(cifar10, val_x=cifar10.val_x[:100], val_y=cifar10.val_y[:100],
