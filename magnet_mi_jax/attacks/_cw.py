@@ -73,9 +73,7 @@ def from_box(x0: jax.Array) -> jax.Array:
     return jnp.arctanh((2.0 * x0 - 1.0) * TANH_SCALE)
 
 
-@functools.partial(common.platform_jit,
-                   static_argnames=("objective", "iterations", "search_steps", "abort_early"))
-def _cw_core(params, x0, labels, kappa, const, learning_rate, *, objective, iterations, search_steps,
+def _cw_loop(params, x0, labels, kappa, const, learning_rate, *, objective, iterations, search_steps,
              abort_early) -> AttackResult:
     axes = tuple(range(1, x0.ndim))
     w_base = from_box(x0)
@@ -129,6 +127,10 @@ def _cw_core(params, x0, labels, kappa, const, learning_rate, *, objective, iter
     state = lax.fori_loop(0, search_steps, search_step, outer)
     _, _, _, _, best_adv, best_const, found, last_c = state
     return common.finish(x0, best_adv, found, best_const, last_c)
+
+
+# Compiled by assignment, not as a decorator, so that a mutation-testing tool can reach the loop (docs/testing.md).
+_cw_core = common.platform_jit(_cw_loop, static_argnames=("objective", "iterations", "search_steps", "abort_early"))
 
 
 def cw_l2(logits_fn: Callable, x0, labels, *, params: Any = None, kappa=0.0, const=1e-3,

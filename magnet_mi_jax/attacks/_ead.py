@@ -91,10 +91,7 @@ def keep_best(best_score, best_adv, best_const, candidate, score, success, const
             jnp.where(improve, const, best_const))
 
 
-@functools.partial(common.platform_jit,
-                   static_argnames=("objective", "rules", "iterations", "search_steps", "abort_early", "method",
-                                    "momentum"))
-def _ead_core(params, x0, labels, kappa, const, beta, learning_rate, *, objective, rules, iterations,
+def _ead_loop(params, x0, labels, kappa, const, beta, learning_rate, *, objective, rules, iterations,
               search_steps, abort_early, method, momentum="reference") -> tuple[AttackResult, ...]:
     """One result per decision rule in ``rules``: the iterates (and the binary search) do not depend on it."""
     axes = tuple(range(1, x0.ndim))
@@ -149,6 +146,11 @@ def _ead_core(params, x0, labels, kappa, const, beta, learning_rate, *, objectiv
              jnp.zeros(labels.shape, bool), const)
     _, _, _, bests, found, last_c = lax.fori_loop(0, search_steps, search_step, outer)
     return tuple(common.finish(x0, adv, found, best_const, last_c) for _, adv, best_const in bests)
+
+
+# Compiled by assignment, not as a decorator, so that a mutation-testing tool can reach the loop (docs/testing.md).
+_ead_core = common.platform_jit(_ead_loop, static_argnames=("objective", "rules", "iterations", "search_steps",
+                                                            "abort_early", "method", "momentum"))
 
 
 def ead(logits_fn: Callable, x0, labels, *, params: Any = None, kappa=0.0, const=1e-3, beta: float = 1e-2,
