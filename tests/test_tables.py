@@ -6,7 +6,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -402,46 +401,3 @@ def test_a_corrupt_shard_is_reported_before_the_defense_is_calibrated(tiny_setup
     with pytest.raises(RuntimeError, match="corrupt attack shard .*cw_kappa0_s001_"):
         _run(tiny_setup, tmp_path / "out", config)
     assert not calibrated
-
-
-@pytest.fixture(scope="module")
-def tiny_cifar_setup(tmp_path_factory, cifar10):
-    """Untrained CIFAR-10 networks saved as checkpoints, 100 validation and 50 test images (MI-MagNet runs the
-    generator and the classifier for all ten conditions of every image it sees: the cost of this test)."""
-    from magnet_mi_jax import datasets
-    ckpt = tmp_path_factory.mktemp("cifar_tables") / "checkpoints"
-    for i, (name, spec) in enumerate(datasets.get("cifar10").networks.items()):
-        module = spec.build()
-        init = checkpoint.network_init("cifar10", name)
-        params = jax.jit(init, static_argnums=0)(module, jax.random.key(i))        # eager inits take a minute
-        checkpoint.save_params(ckpt / "cifar10" / name, params, {"command": "untrained"})
-    small = dataclasses.replace(cifar10, val_x=cifar10.val_x[:100], val_y=cifar10.val_y[:100],
-                                test_x=cifar10.test_x[:50], test_y=cifar10.test_y[:50])
-    return ckpt, small
-
-
-def test_cifar10_quick_preset_runs_magnets_cifar_defense_end_to_end(tiny_cifar_setup, tmp_path):
-    """CIFAR-10's table through the same code: MagNet's CIFAR detectors (AE with p = 1, JSD at T = 10 and 40),
-    their thresholds from the validation images, the MI detector beside them, the paper's Table 2 figures."""
-    ckpt, small = tiny_cifar_setup
-    quick = protocol.protocol("cifar10", quick=True)
-    assert (quick.n_images, quick.kappas, quick.iterations, quick.search_steps) == (50, (0.0, 20.0, 40.0, 80.0), 50, 6)
-    # One attack: the attacks are the same code for every dataset (tested on MNIST); the defense is what differs.
-    config = dataclasses.replace(quick, n_images=2, kappas=(0.0,), iterations=3, search_steps=1, shard_size=2,
-                                 attacks=("cw_l2",))
-    out = tmp_path / "out"
-    saved = tables.run(config, out, checkpoints=str(ckpt), dataset=small, command="test", eval_batch=100)
-    for name in ("table.md", "table.csv", "table.json", "accuracy_vs_kappa.png"):
-        assert (out / name).is_file() and (out / name).stat().st_size > 0
-    assert set(saved["thresholds"]) == {"AE", "JSD-T10", "JSD-T40", "MI"}
-    # 100 validation images: floor(100 r) of them rejected, none at r = 0.005 (AE, MI: threshold +inf), one at
-    # MagNet's JSD rate r = 0.01 (a finite threshold).
-    finite = {name: bool(np.isfinite(t)) for name, t in saved["thresholds"].items()}
-    assert finite == {"AE": False, "JSD-T10": True, "JSD-T40": True, "MI": False}
-    assert saved["clean_accuracy"]["paper"] == {"no_defense": 86.91, "magnet": 83.33, "mi_magnet": 83.18}
-    assert saved["cells"]["cw_l2/0"]["paper"] == {"magnet": 80.1, "mi_magnet": 80.1}
-    assert set(saved["cells"]) == {"cw_l2/0"}
-    cell = saved["cells"]["cw_l2/0"]
-    assert cell["mi_magnet"]["accuracy"] >= cell["magnet"]["accuracy"] and cell["n_images"] == 2
-    md = (out / "table.md").read_text()
-    assert "QUICK PRESET" in md and "CIFAR-10" in md
