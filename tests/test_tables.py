@@ -126,8 +126,8 @@ def test_plan_shards_and_jobs():
     folded = protocol.plan_jobs(dataclasses.replace(config, kappas_per_call=0), missing)
     assert folded[0] == protocol.AttackJob("ead", (0.0, 10.0), 0, 0, 3) and len(folded) == 4
     assert protocol.plan_jobs(config, []) == []
-    assert protocol.parse_worker("1/3") == (1, 3)
-    for bad in ("3/3", "a/b", "1"):
+    assert protocol.parse_worker("1/3") == (1, 3) and protocol.parse_worker("0/1") == (0, 1)
+    for bad in ("3/3", "a/b", "1", "-1/2", "0/0"):
         with pytest.raises(ValueError, match="--worker"):
             protocol.parse_worker(bad)
 

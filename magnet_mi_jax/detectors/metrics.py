@@ -139,9 +139,9 @@ def roc_auc(natural_scores, adversarial_scores) -> float:
     """
     neg = np.sort(_scores(natural_scores, "natural_scores"))
     pos = _scores(adversarial_scores, "adversarial_scores")
-    below = np.searchsorted(neg, pos, side="left").astype(np.int64)         # natural scores < s
-    at_or_below = np.searchsorted(neg, pos, side="right").astype(np.int64)   # natural scores <= s
-    twice_wins = int(np.sum(below + at_or_below))                            # 2 * (wins + ties / 2)
+    below = np.searchsorted(neg, pos, side="left")           # natural scores < s (integer counts)
+    at_or_below = np.searchsorted(neg, pos, side="right")    # natural scores <= s
+    twice_wins = int(np.sum(below + at_or_below))            # 2 * (wins + ties / 2)
     return twice_wins / (2.0 * len(neg) * len(pos))
 
 
