@@ -25,6 +25,9 @@ from train.common import small_classifier
 
 REPO = Path(__file__).resolve().parent.parent
 XLA_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+# A folder that keeps the session's small trained models across test runs, for mutation testing, where each
+# mutant is a new pytest process (docs/testing.md). Unset (always in CI): each run trains its own.
+MODELS_ENV = "MAGNET_MI_TEST_MODELS"
 
 
 def pytest_configure(config):
@@ -71,11 +74,16 @@ def tiny_mnist_classifier(mnist, tmp_path_factory):
     About 97-98% test accuracy in about a minute of CPU; deterministic (seed 0). For tests of attacks and
     detectors that need a real trained network without the shipped weights. Trained once per test run: under
     pytest-xdist the first worker to need it trains it and saves its parameters in the run's shared temporary
-    folder, and the others read them back (bit for bit: msgpack keeps every float32).
+    folder, and the others read them back (bit for bit: msgpack keeps every float32). With
+    ``$MAGNET_MI_TEST_MODELS`` set, that folder is kept across runs (mutation testing only: no mutated module
+    trains it, so every mutant's run may read it back).
     """
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):        # each worker's basetemp is a subfolder of the run's
         shared = shared.parent
+    if os.environ.get(MODELS_ENV):                   # kept across runs (mutation testing)
+        shared = Path(os.environ[MODELS_ENV])
+        shared.mkdir(parents=True, exist_ok=True)
     saved = shared / "tiny_mnist_classifier.msgpack"
     with open(shared / "tiny_mnist_classifier.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)             # released when the file closes
