@@ -321,28 +321,88 @@ def test_sigkill_mid_campaign_loses_at_most_the_shard_in_progress(tiny_setup, tm
             assert resumed["cells"][key][field] == cell[field], (key, field)
 
 
-def test_cell_metric_on_a_constructed_case():
-    """Known flags and predictions -> the exact accuracies of both defenses (MagNet's counting rule)."""
+def _constructed_case():
+    """Eight examples with known detector scores (I, II, MI; flag iff score >= 1), argmax of Z(R(x)) and of Z(x),
+    and label 0: (outputs, labels, thresholds, MagNet's preset, its MI-strengthened spec)."""
     from magnet_mi_jax.detectors import MNIST_MAGNET, DefenseOutputs, mi_magnet
-    spec = mi_magnet(MNIST_MAGNET)
-    # per example: scores I, II, MI (flag iff score >= 1); argmax of Z(R(x)) and of Z(x); the label is 0
     rows = [(2, 0, 0, 1, 1), (0, 0, 2, 1, 1), (0, 0, 0, 0, 1), (0, 0, 0, 1, 1),
             (0, 2, 2, 0, 0), (0, 0, 2, 0, 1), (0, 0, 0, 1, 0), (1, 0, 0, 1, 1)]
     s_i, s_ii, s_mi, reformed, original = (np.array(c, np.float32) for c in zip(*rows))
     onehot = lambda c: np.eye(3, dtype=np.float32)[c.astype(int)]        # noqa: E731
     outputs = DefenseOutputs(scores={"I": s_i, "II": s_ii, "MI": s_mi}, logits=onehot(original),
                              reformed=None, reformed_logits=onehot(reformed), mi=None)
-    labels = np.zeros(8, np.int64)
+    return outputs, np.zeros(8, np.int64), {"I": 1.0, "II": 1.0, "MI": 1.0}, MNIST_MAGNET, mi_magnet(MNIST_MAGNET)
+
+
+def test_cell_metric_on_a_constructed_case():
+    """Known flags and predictions -> the exact accuracies of both defenses (MagNet's counting rule)."""
+    outputs, labels, thresholds, magnet, spec = _constructed_case()
     success = np.array([1, 1, 0, 1, 1, 1, 1, 1], bool)
-    cell = {"success": success, **{k: np.ones(8, np.float32) for k in ("l1", "l2", "linf")}}
+    cell = {"success": success, "l1": np.arange(8, dtype=np.float32), "l2": np.full(8, 2.0, np.float32),
+            "linf": np.full(8, 0.5, np.float32)}
     natural = {n: np.full(8, 0.5, np.float32) for n in ("I", "II", "MI")}
-    row = protocol.evaluate_cell(outputs, {"I": 1.0, "II": 1.0, "MI": 1.0}, MNIST_MAGNET, spec, labels, cell, natural)
+    row = protocol.evaluate_cell(outputs, thresholds, magnet, spec, labels, cell, natural)
     assert row["magnet"] == {"accuracy": 62.5, "detector_only": 50.0, "reformer_only": 37.5,
                              "accuracy_successful_only": 57.14, "detected": 37.5}
     assert row["mi_magnet"] == {"accuracy": 75.0, "detector_only": 75.0, "reformer_only": 37.5,
                                 "accuracy_successful_only": 71.43, "detected": 62.5}
     assert row["detector_flag_rate"] == {"I": 25.0, "II": 12.5, "MI": 37.5}
-    assert row["attack_success_rate"] == 87.5 and row["n_success"] == 7
+    assert row["attack_success_rate"] == 87.5 and row["n_success"] == 7 and row["n_images"] == 8
+    # distortions average over the successful examples only (example 2, L1 = 2, failed)
+    assert row["mean_l1"] == pytest.approx(26.0 / 7) and row["mean_l2"] == 2.0 and row["mean_linf"] == 0.5
+    # natural scores all 0.5: a detector's AUC on the successful examples is the share scoring above it
+    assert row["detector_auc_successful"] == {"I": round(2 / 7, 4), "II": round(1 / 7, 4), "MI": round(3 / 7, 4)}
+    failed = protocol.evaluate_cell(outputs, thresholds, magnet, spec, labels, {**cell, "success": np.zeros(8, bool)},
+                                    natural)
+    assert failed["mean_l1"] is None and failed["n_success"] == 0 and "detector_auc_successful" not in failed
+    assert failed["magnet"]["accuracy_successful_only"] is None and failed["magnet"]["accuracy"] == 62.5
+
+
+def test_clean_row_on_a_constructed_case():
+    """The clean-accuracy row on known flags: correct iff no detector flags the input and R(x) is classified
+    right; the no-defense column counts Z(x); each detector's false-positive rate on its own."""
+    outputs, labels, thresholds, magnet, spec = _constructed_case()
+    row = protocol.clean_row(magnet, spec, outputs, labels, thresholds)
+    # Z(x) right on examples 5 and 7; R(x) right on 3, 5, 6; MagNet (I, II) flags 1, 5, 8; MI-MagNet also 2, 6
+    assert row == {"n_test": 8, "no_defense": 25.0, "magnet": 25.0, "mi_magnet": 12.5,
+                   "test_false_positive_rate": {"I": 25.0, "II": 12.5, "MI": 37.5}}
+
+
+def test_deviations_list_each_changed_attack_setting_with_the_papers_value():
+    paper = protocol.protocol("mnist")
+    assert paper.deviations() == {}
+    changed = dataclasses.replace(paper, n_images=3, iterations=5, cw_iterations=7, search_steps=2,
+                                  initial_const=0.1, beta=0.5, learning_rate=0.5, cw_abort_early=False,
+                                  ead_momentum="textbook", kappas=(0.0,))
+    assert changed.deviations() == {
+        "n_images": (3, 1000), "kappas": ((0.0,), paper.kappas), "iterations": (5, 1000), "cw_iterations": (7, None),
+        "search_steps": (2, 9), "initial_const": (0.1, 1e-3), "beta": (0.5, 1e-2), "learning_rate": (0.5, 1e-2),
+        "cw_abort_early": (False, True), "ead_momentum": ("textbook", "reference")}
+    # how the work is split, the seed and the MI reading are not attack-protocol settings
+    assert dataclasses.replace(paper, shard_size=7, kappas_per_call=0, seed=3, mi_temperature=10.0,
+                               quick=True).deviations() == {}
+
+
+def test_cache_context_and_shard_assembly(mnist):
+    from magnet_mi_jax import data
+    indices = np.array([3, 1, 4])
+    params = {"w": np.ones(3, np.float32)}
+    context = protocol.cache_context("mnist", mnist, indices, params)
+    assert context["dataset"] == "mnist" and context["indices"] == data.indices_hash(indices)
+    assert context["classifier"] == protocol.params_hash(params) == checkpoint.params_digest(params)[:16]
+    assert len(context["data"]) == 16 and int(context["data"], 16) >= 0
+    assert protocol.cache_context("mnist", dataclasses.replace(mnist, md5={**mnist.md5, "x": "0"}), indices,
+                                  params)["data"] != context["data"]
+    assert protocol.cache_context("mnist", dataclasses.replace(mnist, md5={}, source="tfds"), indices,
+                                  params)["data"] == "tfds"
+    assert protocol.cache_context("mnist", mnist, indices, {"w": np.zeros(3, np.float32)})["classifier"] != \
+        context["classifier"]
+    assert protocol.card_summary({"seed": 3, "command": "c", "other": 1}) == {
+        "command": "c", "git_commit": None, "metrics": None, "seed": 3}
+    shards = [{"cw_l2": {k: np.full(n, i, np.float32) for k in protocol.ATTACK_FIELDS}} for i, n in ((0, 2), (1, 3))]
+    cell = protocol.assemble_cell(shards, "cw_l2")
+    assert set(cell) == set(protocol.ATTACK_FIELDS)
+    np.testing.assert_array_equal(cell["l1"], [0, 0, 1, 1, 1])
 
 
 DISTRIBUTED_SCRIPT = """
