@@ -84,16 +84,21 @@ def test_mi_quantities_match_an_independent_computation(study):
 
 
 def test_auc_and_defense_accuracy_agree_with_independent_paths(study):
-    ckpt, _, small, table, _, result, _ = study
+    ckpt, _, small, table, samples, result, _ = study
     gen = result["generators"]["a"]
-    # pooled AUC of H(X|Y) from the plotted samples, by counting pairs
-    nat = np.asarray(_numpy_mi_parts(ckpt, small.val_x[:100], ckpt)[0])
+    # the scored adversarial examples are the attack's successes, scored as NumPy scores them (within float32
+    # tolerance; the order within the pool does not matter to an AUC)
     cells, _ = mi_generators.load_cells([study[6] / "run"], small,
                                         checkpoint.load_model("mnist", "classifier", ckpt)[1])
     adv_x = np.concatenate([c["adv"][c["success"].astype(bool)] for c in cells.values()])
     assert len(adv_x) >= 4                                        # the attack succeeded, so there is a set to score
-    adv = _numpy_mi_parts(ckpt, adv_x, ckpt)[0]
-    assert gen["pooled"]["ead_en"]["scores"]["HXgY_T1"]["auc"] == pytest.approx(_auc(nat, adv), abs=1e-6)
+    scored = samples["a"]["ead_en"]["HXgY_T1"]
+    np.testing.assert_allclose(np.sort(scored), np.sort(_numpy_mi_parts(ckpt, adv_x, ckpt)[0]), rtol=2e-4, atol=1e-6)
+    # the pooled AUC of H(X|Y) from those scores, by counting pairs. Not from the NumPy scores: where a natural
+    # and an adversarial score lie within float32 noise of each other, the two paths may order them differently
+    # (seen once in CI: 0.3721875 against 0.3725, one pair of 3,200)
+    auc = gen["pooled"]["ead_en"]["scores"]["HXgY_T1"]["auc"]
+    assert auc == pytest.approx(_auc(samples["a"]["natural"]["HXgY_T1"], scored), abs=1e-12)
     # MagNet and MI-MagNet per cell: what eval.tables measured with the same networks
     for key, row in gen["accuracy"].items():
         assert row["magnet"] == table["cells"][key]["magnet"]["accuracy"]
