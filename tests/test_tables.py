@@ -291,6 +291,7 @@ tables.run(config, sys.argv[1], checkpoints=sys.argv[2], dataset=small, command=
 
 
 @pytest.mark.slow
+@pytest.mark.spawns_processes
 def test_sigkill_mid_campaign_loses_at_most_the_shard_in_progress(tiny_setup, tmp_path, data_dir):
     import os
     import signal
@@ -424,6 +425,7 @@ print("worker", worker, "complete", result["complete"], flush=True)
 
 
 @pytest.mark.slow
+@pytest.mark.spawns_processes
 def test_two_jax_distributed_processes_make_the_table_one_process_makes(tiny_setup, tmp_path, data_dir):
     import os
     import socket
