@@ -420,3 +420,32 @@ def test_shipped_weights_measure_what_their_cards_claim(mnist):
     assert card["metrics"]["eval_images"] == "first 1000 test images"
     assert measured["conditional_accuracy"] == pytest.approx(card["metrics"]["conditional_accuracy"], abs=2e-3)
     assert measured["reconstruction_l1"] == pytest.approx(card["metrics"]["test_reconstruction_l1"], rel=1e-3)
+
+
+def test_a_warm_restart_starts_from_the_named_weights_and_records_them(tmp_path, data_dir):
+    args = ["--dataset", "mnist", "--data-dir", str(data_dir), "--train-limit", "128", "--batch-size", "64",
+            "--epochs", "1"]
+    classifier.main([*args, "--workdir", str(tmp_path / "w1"), "--checkpoints", str(tmp_path / "first")])
+    first = tmp_path / "first" / "mnist" / "classifier"
+    _, first_params, first_card = checkpoint.load_model("mnist", "classifier", tmp_path / "first")
+    # At learning rate 0 the second cycle's weights are its starting weights: exactly the first run's.
+    classifier.main([*args, "--lr", "0", "--init-from", str(first), "--workdir", str(tmp_path / "w2"),
+                     "--checkpoints", str(tmp_path / "second")])
+    _, params, card = checkpoint.load_model("mnist", "classifier", tmp_path / "second")
+    jax.tree.map(np.testing.assert_array_equal, params, first_params)
+    assert card["run_config"]["init_from"] == {"params_sha256": first_card["params_sha256"],
+                                               "command": first_card["command"]}
+    assert card["metrics"]["test_accuracy"] == first_card["metrics"]["test_accuracy"]
+    # Without --init-from the record has no such field (earlier work folders stay resumable) and starts elsewhere.
+    assert "init_from" not in classifier.plan([*args]).run_config
+    with pytest.raises(SystemExit):
+        classifier.plan([*args, "--init", "he_normal", "--init-from", str(first)])
+    ae = tmp_path / "ae"
+    checkpoint.save_params(ae / "mnist" / "ae_ii", mnist_ae_ii().init(jax.random.key(0), jnp.zeros((1, 28, 28, 1))),
+                           {"model": "mnist/ae_ii"})
+    with pytest.raises(checkpoint.CheckpointError, match="describes 'mnist/ae_ii', not 'mnist/classifier'"):
+        classifier.plan([*args, "--init-from", str(ae / "mnist" / "ae_ii")])
+    card_path = first / "meta.json"
+    card_path.write_text(card_path.read_text().replace(first_card["params_sha256"], "0" * 64))
+    with pytest.raises(checkpoint.CheckpointError, match="do not match the params_sha256"):
+        classifier.plan([*args, "--init-from", str(first)])

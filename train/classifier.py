@@ -16,6 +16,11 @@ step: a run a fraction of MagNet's length still ends at a small learning rate; w
 use, see the README). The cosine schedule depends on the epoch count, so a ``warmup_cosine`` run cannot be
 extended by more epochs (its work folder refuses the change); a ``keras_decay`` run can.
 
+Warm restart (``--init-from DIR``): start from exported weights (a model folder: ``params/`` and its card
+``meta.json``) instead of a random draw, with a fresh optimiser state and schedule: a second training cycle, as
+in SGDR (Loshchilov & Hutter, 2017). The run's record and its card name the starting weights by their sha256 and
+the command that trained them.
+
 Run state lives in ``--workdir`` (default ``workdirs/<dataset>/classifier``): interrupt at any time and rerun
 the same command to resume. At the end the weights go to ``checkpoints/<dataset>/classifier`` with a card
 (``meta.json``) holding the command, seed, config and the measured test accuracy.
@@ -26,7 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -156,6 +161,32 @@ class RunPlan(NamedTuple):
     ds: data.Dataset
     steps_per_epoch: int
     run_config: dict          # what the work folder and the exported card record (train.common.run_config)
+    start_params: Any = None  # the --init-from weights, or None for a random initialisation
+
+
+def warm_start(directory: str, dataset: str) -> tuple[Any, dict]:
+    """The weights exported in ``directory`` and how the run records them (``--init-from``).
+
+    Returns:
+      ``(params, record)``: the parameters, checked against their card's sha256, and ``{"params_sha256",
+      "command"}`` from that card (not the path, so a moved checkout still resumes the run).
+
+    Raises:
+      CheckpointError: no weights there, a card of another model, or weights that do not match their card.
+    """
+    card = checkpoint.read_meta(directory)
+    want = f"{dataset}/classifier"
+    if card.get("model") != want:
+        raise checkpoint.CheckpointError(
+            f"--init-from {directory}: its card (meta.json) describes {card.get('model', 'nothing')!r}, "
+            f"not {want!r}")
+    if "params_sha256" not in card:
+        raise checkpoint.CheckpointError(f"--init-from {directory}: its card has no params_sha256 to check the "
+                                         "weights against")
+    module = checkpoint.model_spec(dataset, "classifier").build()
+    params = checkpoint.load_params(directory, checkpoint.init_params(module, dataset, jax.random.key(0)))
+    checkpoint.verify_digest(directory, params, card)
+    return params, {"params_sha256": card["params_sha256"], "command": card.get("command")}
 
 
 def plan(argv: list[str] | None = None) -> RunPlan:
@@ -166,7 +197,12 @@ def plan(argv: list[str] | None = None) -> RunPlan:
     parser.add_argument("--warmup-epochs", type=float, default=None, help="warm-up length of warmup_cosine")
     parser.add_argument("--init", choices=tuple(INITS), default=None,
                         help="kernel initialisation (default: the network's own, Flax's LeCun normal)")
+    parser.add_argument("--init-from", default=None, metavar="DIR",
+                        help="start from the weights exported in DIR (params/ and meta.json) instead of a random "
+                             "initialisation: another training cycle on a fresh optimiser and schedule")
     args = parser.parse_args(argv)
+    if args.init_from is not None and args.init is not None:
+        parser.error("--init-from starts from trained weights; --init draws random ones: give one of them")
     config = common.override(config_for(args.dataset), args)
     config = dataclasses.replace(config, **{k: v for k, v in (("schedule", args.schedule), ("init", args.init),
                                                               ("warmup_epochs", args.warmup_epochs)) if v is not None})
@@ -180,17 +216,21 @@ def plan(argv: list[str] | None = None) -> RunPlan:
     run_config = common.run_config(args, "classifier", config, ds,
                                    resumable_fields=unrecorded + (("epochs",) if config.schedule == "keras_decay"
                                                                   else ()))
-    return RunPlan(args, cli.command_line("train.classifier", argv), config, ds, steps_per_epoch, run_config)
+    start_params = None
+    if args.init_from is not None:     # recorded only when given: earlier records stay resumable
+        start_params, run_config["init_from"] = warm_start(args.init_from, args.dataset)
+    return RunPlan(args, cli.command_line("train.classifier", argv), config, ds, steps_per_epoch, run_config,
+                   start_params)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, command, config, ds, steps_per_epoch, run_config = plan(argv)
+    args, command, config, ds, steps_per_epoch, run_config, start_params = plan(argv)
     common.check_export_target(args, "classifier", run_config)
 
     spec = checkpoint.model_spec(args.dataset, "classifier")
     module = spec.build()
     init_key, state_key = jax.random.split(jax.random.key(args.seed))
-    params = initial_params(module, args.dataset, config.init, init_key)
+    params = initial_params(module, args.dataset, config.init, init_key) if start_params is None else start_params
     tx = optimizer(config, steps_per_epoch)
     state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), state_key)
 
