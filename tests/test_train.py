@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -361,12 +362,21 @@ def test_loading_verifies_the_cards_parameter_hash(tmp_path):
         checkpoint.load_model("mnist", "ae_ii", tmp_path / "copy")
 
 
-@pytest.mark.parametrize("root", [None, "variants/short_training", "variants/class_aware", "variants/no_code_label"])
-def test_shipped_cards_hash_the_shipped_weights(root):
-    root = None if root is None else checkpoint.DEFAULT_CHECKPOINTS / root
-    for name in ("classifier", "ae_i", "ae_ii", "generator"):
-        _, params, meta = checkpoint.load_model("mnist", name, root)   # verifies params_sha256
-        assert len(meta["params_sha256"]) == 64
+def _shipped_models() -> list[tuple[Path, str, str]]:
+    """(checkpoints root, dataset, model) of every card under checkpoints/ and checkpoints/variants/*/."""
+    roots = [checkpoint.DEFAULT_CHECKPOINTS, *sorted((checkpoint.DEFAULT_CHECKPOINTS / "variants").iterdir())]
+    return [(root, card.parent.parent.name, card.parent.name)
+            for root in roots for card in sorted(root.glob("*/*/meta.json")) if card.parent.parent.name != "variants"]
+
+
+def test_shipped_cards_hash_the_shipped_weights():
+    found = _shipped_models()
+    names = {(root.name, dataset, name) for root, dataset, name in found}
+    assert {("checkpoints", "mnist", n) for n in ("classifier", "ae_i", "ae_ii", "generator")} <= names
+    assert {"short_training", "class_aware", "no_code_label"} <= {root.name for root, _, _ in found}
+    for root, dataset, name in found:
+        _, _, meta = checkpoint.load_model(dataset, name, root)   # verifies params_sha256
+        assert len(meta["params_sha256"]) == 64 and meta["model"] == f"{dataset}/{name}"
 
 
 @pytest.mark.slow
