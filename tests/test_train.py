@@ -446,7 +446,7 @@ def test_a_warm_restart_starts_from_the_named_weights_and_records_them(tmp_path,
     assert card["run_config"]["init_from"] == {"params_sha256": first_card["params_sha256"],
                                                "command": first_card["command"]}
     assert card["metrics"]["test_accuracy"] == first_card["metrics"]["test_accuracy"]
-    # Without --init-from the record has no such field (earlier work folders stay resumable) and starts elsewhere.
+    # Without --init-from the record has no such field, so earlier work folders stay resumable.
     assert "init_from" not in classifier.plan([*args]).run_config
     with pytest.raises(SystemExit):
         classifier.plan([*args, "--init", "he_normal", "--init-from", str(first)])
