@@ -341,7 +341,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--checkpoints", default=None)
     p.add_argument("--json", default=None, help="also write the report as JSON here")
+    cli.add_overwrite_flag(p)
     args = p.parse_args(argv)
+    cli.refuse_to_overwrite([args.json], args.overwrite)
     if not args.attacks or any(a not in registry.REGISTRY for a in args.attacks):
         p.error(f"--attacks takes a comma-separated subset of {','.join(registry.REGISTRY)}")
     return args

@@ -137,7 +137,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--models", nargs="+", required=True, help="NAME=CHECKPOINT_ROOT, one per model")
     parser.add_argument("--tables", nargs="*", default=None, help="NAME=RESULTS_DIR of an eval.tables run")
     parser.add_argument("--out", required=True)
+    cli.add_overwrite_flag(parser)
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    cli.refuse_to_overwrite([out / "comparison.json", out / "comparison.md", out / "margins.png"], args.overwrite)
     models, tables = _pairs(args.models, "--models"), _pairs(args.tables, "--tables")
     unknown = set(tables) - set(models)
     if unknown:
@@ -151,7 +154,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"dataset": args.dataset, "kappas": kappas, "models": {n: m for n, (m, _) in measured.items()},
               "tables": {n: table_cells(d) for n, d in tables.items()},
               **cli.provenance(cli.command_line("eval.compare_classifiers", argv), ds)}
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "comparison.md").write_text(render_markdown(result))
@@ -161,4 +163,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

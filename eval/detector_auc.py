@@ -209,7 +209,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="score cells even if their cache key does not match the loaded classifier")
     parser.add_argument("--json", default=None, help="JSON output (default <results>/detector_auc.json)")
     parser.add_argument("--md", default=None, help="Markdown output (default <results>/detector_auc.md)")
+    cli.add_overwrite_flag(parser)
     args = parser.parse_args(argv)
+    json_path = Path(args.json) if args.json else Path(args.results) / "detector_auc.json"
+    md_path = Path(args.md) if args.md else Path(args.results) / "detector_auc.md"
+    cli.refuse_to_overwrite([json_path, md_path], args.overwrite)
     try:
         temperatures = tuple(float(t) for t in args.temperatures.split(","))
     except ValueError:
@@ -222,8 +226,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except (AnalysisError, checkpoint.CheckpointError, data.DataError) as err:
         parser.exit(2, f"error: {err}\n")
     md = render_markdown(result)
-    json_path = Path(args.json) if args.json else Path(args.results) / "detector_auc.json"
-    md_path = Path(args.md) if args.md else Path(args.results) / "detector_auc.md"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2) + "\n")
@@ -234,4 +236,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

@@ -66,9 +66,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rows", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-images", type=int, default=1000)
+    cli.add_overwrite_flag(parser)
     args = parser.parse_args(argv)
     if args.rows < 1 or args.eval_images < 1:
         parser.error("--rows and --eval-images must be positive")
+    out = Path(args.out)
+    cli.refuse_to_overwrite([out, out.with_suffix(".json")], args.overwrite)
 
     ds = cli.load_data(args)
     module, params, card = checkpoint.load_model(args.dataset, "generator", args.checkpoints)
@@ -91,7 +94,6 @@ def main(argv: list[str] | None = None) -> dict:
     title = (f"G(E(x), j) on {args.dataset} test images; conditional accuracy "
              f"{'n/a' if acc is None else f'{100 * acc:.2f}%'} over {args.eval_images} images x "
              f"{module.num_classes} conditions")
-    out = Path(args.out)
     save_figure(figure_grid(ds.test_x[rows], generations), out, ["input", *names], title)
     report = {"figure": str(out), "test_indices": rows.tolist(), "eval_images": args.eval_images,
               "generator_command": card.get("command"),
@@ -110,4 +112,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

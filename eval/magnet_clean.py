@@ -122,13 +122,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--json", default=None, help="also write the result as JSON to this file")
     parser.add_argument("--mi", action="store_true",
                         help="MI-MagNet: the dataset's MagNet preset with its MI detector (needs the generator)")
+    cli.add_overwrite_flag(parser)
     args = parser.parse_args(argv)
+    cli.refuse_to_overwrite([args.json], args.overwrite)
 
     config = datasets.get(args.dataset)
     spec = config.mi_magnet() if args.mi else config.magnet
     names = config.magnet.network_keys + ((config.generator,) if args.mi else ())
-    applies, params, cards = load_networks(args.dataset, args.checkpoints, names=names)
     ds = cli.load_data(args)
+    applies, params, cards = load_networks(args.dataset, args.checkpoints, names=names)
     check_cards_against_data(cards, ds)
     start = time.time()
     result = evaluate_clean(spec, applies, params, ds, args.batch_size, args.val_limit, args.test_limit)

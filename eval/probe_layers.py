@@ -234,7 +234,9 @@ def main(argv=None) -> int:
     parser.add_argument("--train-step", action="store_true", help="time only the training step (problem 5)")
     parser.add_argument("--dataset", default="mnist", choices=datasets.names(),
                         help="whose classifier the training step (problem 5) trains")
+    cli.add_overwrite_flag(parser)
     args = parser.parse_args(argv)
+    cli.refuse_to_overwrite([args.json], args.overwrite)
     load_start = os.getloadavg()
     results = {} if args.train_step else probe(args.batch, args.repeats)
     results.update(probe_train_step(args.repeats, dataset=args.dataset))
@@ -250,4 +252,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run_main(main)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import jax
 
@@ -41,6 +42,29 @@ def add_data_flags(parser: argparse.ArgumentParser, *, checkpoints_help: str | N
         parser.add_argument("--checkpoints", default=None,
                             help=checkpoints_help or "trained weights (default: the repository's checkpoints/)")
     return parser
+
+
+def add_overwrite_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds ``--overwrite``, the only way past :func:`refuse_to_overwrite`."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace output files that already exist (default: refuse before computing anything, "
+                             "so a rerun never silently replaces committed results)")
+    return parser
+
+
+def refuse_to_overwrite(paths: Iterable[str | Path | None], overwrite: bool) -> None:
+    """Raises :class:`OverwriteError` naming every output file in ``paths`` that exists already, unless
+    ``overwrite``. Entry points call it right after parsing their flags, so a refused run costs nothing.
+    ``None`` entries (optional outputs not asked for) are skipped.
+
+    Example::
+
+        cli.refuse_to_overwrite([args.json], args.overwrite)
+    """
+    existing = [str(p) for p in paths if p is not None and Path(p).exists()]
+    if existing and not overwrite:
+        raise OverwriteError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; pass "
+                             f"--overwrite to replace {'it' if len(existing) == 1 else 'them'}, or write elsewhere")
 
 
 def load_data(args: argparse.Namespace) -> data.Dataset:

@@ -391,6 +391,11 @@ def test_a_smoke_run_never_replaces_weights_of_another_configuration(tmp_path, d
                 "--workdir", str(tmp_path / workdir)]
     autoencoder.main(args(512, 1, "w1"))
     before = checkpoint.load_model("mnist", "ae_ii", root)[2]["params_sha256"]
+    # The finished run invoked again (a script resuming a chain) exports the same weights: nothing is rewritten,
+    # so the card keeps the commit the weights were trained at.
+    written = [(p, p.stat().st_mtime_ns) for p in sorted((root / "mnist" / "ae_ii").rglob("*")) if p.is_file()]
+    autoencoder.main(args(512, 1, "w1"))
+    assert [(p, p.stat().st_mtime_ns) for p in sorted((root / "mnist" / "ae_ii").rglob("*")) if p.is_file()] == written
     smoke = args(256, 1, "w2")
     with pytest.raises(common.ExportError, match=r"(?s)another configuration.*train_limit: 512 there, 256 now"):
         autoencoder.main(smoke)

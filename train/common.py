@@ -116,8 +116,16 @@ def export(args: argparse.Namespace, name: str, params: Any, config, ds: data.Da
            metrics: dict[str, Any], history: list[dict], run: dict[str, Any]) -> Path:
     """Writes the trained weights and their card to ``<checkpoints>/<dataset>/<name>`` (refusing, without
     ``--overwrite``, to replace weights of another configuration: :func:`check_export_target`). ``run`` is
-    the run's :func:`run_config`."""
+    the run's :func:`run_config`. Weights identical to those already there (a finished run invoked again, e.g.
+    by a script that resumes a chain of runs) are left as they are, card included, so that the card keeps the
+    commit they were trained at."""
     check_export_target(args, name, run)
+    out = export_dir(args, name)
+    card = checkpoint.read_meta(out)
+    if card and card.get("params_sha256") == checkpoint.params_digest(params) and not getattr(args, "overwrite", False):
+        print(f"{args.dataset}/{name} in {out} already holds these weights (params_sha256 {card['params_sha256'][:12]}"
+              f"...): left as it is")
+        return out
     meta = {
         "model": f"{args.dataset}/{name}",
         "run_config": run,
@@ -128,7 +136,6 @@ def export(args: argparse.Namespace, name: str, params: Any, config, ds: data.Da
         "metrics": metrics,
         "history": history,
     }
-    out = export_dir(args, name)
     checkpoint.save_params(out, params, meta)
     print(f"saved {args.dataset}/{name} to {out}: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
     return out

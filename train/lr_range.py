@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--init", choices=tuple(classifier.INITS), default="default", help="kernel initialisation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write every step's lr and loss here")
+    cli.add_overwrite_flag(parser)
     args = parser.parse_args(argv)
+    cli.refuse_to_overwrite([args.json], args.overwrite)
     commit = cli.git_commit()        # the code the run starts with, whatever is committed while it runs
     ds = cli.load_data(args)
     report = lr_range(args.dataset, ds.train_x, ds.train_y, steps=args.steps, lr_min=args.lr_min,
