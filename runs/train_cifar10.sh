@@ -9,7 +9,8 @@
 # budget allows; same warm-up and peak rate) starts from them (--init-from) and is what ships. The auto-encoder: MagNet's
 # recipe as configured (100 epochs of ~40 s). The generator: the default (paper) variant for 10 epochs instead of
 # the config's 100, sized to the CPU (an epoch of 703 steps took ~25 minutes in a probe beside other work); it
-# needs the shipped classifier for its conditional accuracy, so it comes last.
+# needs the shipped classifier for its conditional accuracy, so it comes last. Then the evaluations
+# (runs/eval_cifar10.sh).
 set -u
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -31,3 +32,4 @@ if [ -f "$first/cifar10/classifier/meta.json" ]; then
 fi
 python -m train.generator --dataset cifar10 --epochs 10 --seed 0 --workdir runs/cifar10/generator \
   >> runs/logs/cifar10_generator.log 2>&1 || exit 1
+runs/eval_cifar10.sh || exit 1
