@@ -1,5 +1,5 @@
 """CIFAR-10's table through eval.tables on untrained networks and tiny data: MagNet's CIFAR-10 defense (its
-detectors and their thresholds), the MI detector beside it, the quick preset, the paper's Table 2 figures. In a
+detectors and their thresholds), the MI detector beside it, the quick preset, the paper's Table 2 figures, the detector AUCs. In a
 file of its own so that pytest-xdist can run it beside the MNIST table tests."""
 
 from __future__ import annotations
@@ -30,17 +30,23 @@ def tiny_cifar_setup(tmp_path_factory, cifar10):
     return ckpt, small
 
 
-def test_cifar10_quick_preset_runs_magnets_cifar_defense_end_to_end(tiny_cifar_setup, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_cifar_table(tiny_cifar_setup, tmp_path_factory):
+    """The quick preset cut to one attack, one kappa, 2 images, 3 iterations: (its folder, its table.json). One
+    attack: the attacks are the same code for every dataset (tested on MNIST); the defense is what differs."""
+    ckpt, small = tiny_cifar_setup
+    config = dataclasses.replace(protocol.protocol("cifar10", quick=True), n_images=2, kappas=(0.0,), iterations=3,
+                                 search_steps=1, shard_size=2, attacks=("cw_l2",))
+    out = tmp_path_factory.mktemp("cifar_table") / "out"
+    return out, tables.run(config, out, checkpoints=str(ckpt), dataset=small, command="test", eval_batch=100)
+
+
+def test_cifar10_quick_preset_runs_magnets_cifar_defense_end_to_end(tiny_cifar_table):
     """CIFAR-10's table through the same code: MagNet's CIFAR detectors (AE with p = 1, JSD at T = 10 and 40),
     their thresholds from the validation images, the MI detector beside them, the paper's Table 2 figures."""
-    ckpt, small = tiny_cifar_setup
     quick = protocol.protocol("cifar10", quick=True)
     assert (quick.n_images, quick.kappas, quick.iterations, quick.search_steps) == (50, (0.0, 20.0, 40.0, 80.0), 50, 6)
-    # One attack: the attacks are the same code for every dataset (tested on MNIST); the defense is what differs.
-    config = dataclasses.replace(quick, n_images=2, kappas=(0.0,), iterations=3, search_steps=1, shard_size=2,
-                                 attacks=("cw_l2",))
-    out = tmp_path / "out"
-    saved = tables.run(config, out, checkpoints=str(ckpt), dataset=small, command="test", eval_batch=100)
+    out, saved = tiny_cifar_table
     for name in ("table.md", "table.csv", "table.json", "accuracy_vs_kappa.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     assert set(saved["thresholds"]) == {"AE", "JSD-T10", "JSD-T40", "MI"}
@@ -55,3 +61,32 @@ def test_cifar10_quick_preset_runs_magnets_cifar_defense_end_to_end(tiny_cifar_s
     assert cell["mi_magnet"]["accuracy"] >= cell["magnet"]["accuracy"] and cell["n_images"] == 2
     md = (out / "table.md").read_text()
     assert "QUICK PRESET" in md and "CIFAR-10" in md
+
+
+def test_cifar10_detector_auc_scores_magnets_cifar_detectors(tiny_cifar_setup, tiny_cifar_table):
+    """eval.detector_auc on a CIFAR-10 table: MagNet's CIFAR scores (AE reconstruction error with p = 1, JSD at
+    T = 10 and 40) beside the MI scores; the natural scores against a NumPy computation of MagNet's formulas."""
+    from scipy.special import softmax
+    from scipy.stats import entropy
+
+    from eval import detector_auc
+    ckpt, small = tiny_cifar_setup
+    out, saved = tiny_cifar_table
+    n = 8
+    result = detector_auc.run(out, dataset_name="cifar10", checkpoints=str(ckpt), dataset=small, n_natural=n,
+                              temperatures=(1.0,), batch_size=n)
+    assert {"AE", "JSD-T10", "JSD-T40", "dJ_literal_T1", "MI_consistent_T1", "HXgY_T1"} <= set(result["scores"])
+    assert list(result["cells"]) == ["cw_l2/0"]
+    assert result["cells"]["cw_l2/0"]["n_adversarial"] == saved["cells"]["cw_l2/0"]["n_success"]
+    x = small.val_x[:n]
+    ae_module, ae_params, _ = checkpoint.load_model("cifar10", "ae", ckpt)
+    clf_module, clf_params, _ = checkpoint.load_model("cifar10", "classifier", ckpt)
+    reformed = np.asarray(ae_module.apply(ae_params, x), np.float64)
+    ae_error = np.abs(x - reformed).mean(axis=(1, 2, 3))
+    assert result["natural_summary"]["AE"]["mean"] == pytest.approx(ae_error.mean(), rel=1e-4)
+    logits, logits_reformed = (np.asarray(clf_module.apply(clf_params, v), np.float64) for v in (x, reformed))
+    for t in (10, 40):
+        p, q = softmax(logits / t, axis=1), softmax(logits_reformed / t, axis=1)
+        m = (p + q) / 2
+        jsd = 0.5 * entropy(p, m, axis=1) + 0.5 * entropy(q, m, axis=1)
+        assert result["natural_summary"][f"JSD-T{t}"]["median"] == pytest.approx(np.median(jsd), rel=1e-3)
