@@ -1,6 +1,7 @@
 """CIFAR-10's table through eval.tables on untrained networks and tiny data: MagNet's CIFAR-10 defense (its
-detectors and their thresholds), the MI detector beside it, the quick preset, the paper's Table 2 figures, the detector AUCs. In a
-file of its own so that pytest-xdist can run it beside the MNIST table tests."""
+detectors and their thresholds), the MI detector beside it, the quick preset, the paper's Table 2 figures, and
+eval.detector_auc on the result. In a file of its own so that pytest-xdist can run it beside the MNIST table
+tests."""
 
 from __future__ import annotations
 
