@@ -58,7 +58,7 @@ def pytest_collection_modifyitems(config, items):
     unset) nothing is skipped."""
     if "MUTANT_UNDER_TEST" not in os.environ:
         return
-    skip = pytest.mark.skip(reason="starts processes; not run inside a mutation-testing worker")
+    skip = pytest.mark.skip(reason="starts processes; not run inside mutmut")
     for item in items:
         if item.get_closest_marker("spawns_processes"):
             item.add_marker(skip)
