@@ -1,4 +1,5 @@
-"""The mutation-score tally (tests/mutation_score.py) on lines in mutmut 3's format."""
+"""The mutation-score tally (tests/mutation_score.py) on lines in mutmut 3's format, and the test order
+used inside mutmut's workers (tests/conftest.py)."""
 import collections
 import importlib.util
 from pathlib import Path
@@ -23,3 +24,16 @@ def test_tally_groups_by_module_and_scores_killed_over_checked():
     assert rows[2] == "| `eval.protocol` | 3 | 3 | 1 | 1 | 1 | 0 | 66.7% |"
     assert rows[3] == "| `magnet_mi_jax.attacks.common` | 2 | 1 | 1 | 0 | 0 | 1 | 100.0% |"
     assert rows[4] == "| **all** | 5 | 4 | 2 | 1 | 1 | 1 | 75.0% |"
+
+
+def test_fastest_files_first_keeps_files_whole_and_orders_them_by_recorded_time():
+    from conftest import fastest_files_first
+
+    Item = collections.namedtuple("Item", "nodeid")
+    given = [Item("tests/test_tables.py::a"), Item("tests/test_mi.py::b"), Item("tests/test_tables.py::c"),
+             Item("tests/test_new.py::e"), Item("tests/test_mi.py::d"), Item("tests/test_free.py::f")]
+    seconds = {"tests/test_tables.py::a": 300.0, "tests/test_tables.py::c": 15.0, "tests/test_mi.py::b": 2.0,
+               "tests/test_mi.py::d": 1.0}  # test_new and test_free never timed: 0 s, first seen first
+    ordered = [item.nodeid for item in fastest_files_first(given, seconds)]
+    assert ordered == ["tests/test_new.py::e", "tests/test_free.py::f", "tests/test_mi.py::b",
+                       "tests/test_mi.py::d", "tests/test_tables.py::a", "tests/test_tables.py::c"]
