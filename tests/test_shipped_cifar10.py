@@ -16,14 +16,15 @@ from train import autoencoder, common
 
 @pytest.mark.slow
 def test_shipped_cifar10_weights_measure_what_their_cards_claim(cifar10):
-    """CIFAR-10's shipped models (and the first classifier cycle kept as a variant), re-measured on the full
-    test set, give their cards' headline metrics."""
+    """CIFAR-10's shipped models (the auto-encoder, the classifier and the first classifier cycle kept as a
+    variant), re-measured on the full test set, give their cards' headline metrics (the accuracy to 2 images in
+    10,000: XLA's CPU convolutions may differ in the last bits between builds)."""
     module, params, card = checkpoint.load_model("cifar10", "ae")
     errors = autoencoder.reconstruction_errors(module, params, cifar10.test_x)
     assert errors["mse"] == pytest.approx(card["metrics"]["test_mse"], rel=1e-3)
     assert errors["mae"] == pytest.approx(card["metrics"]["test_mae"], rel=1e-3)
-    module, params, card = checkpoint.load_model("cifar10", "classifier",
-                                                 checkpoint.DEFAULT_CHECKPOINTS / "variants" / "cifar10_first_cycle")
-    predict = jax.jit(module.apply)
-    logits = np.asarray(map_batches(lambda chunk: predict(params, chunk), cifar10.test_x, 1000))
-    assert common.accuracy(logits, cifar10.test_y) == pytest.approx(card["metrics"]["test_accuracy"], abs=2e-4)
+    for folder in (checkpoint.DEFAULT_CHECKPOINTS, checkpoint.DEFAULT_CHECKPOINTS / "variants" / "cifar10_first_cycle"):
+        module, params, card = checkpoint.load_model("cifar10", "classifier", folder)
+        predict = jax.jit(module.apply)
+        logits = np.asarray(map_batches(lambda chunk: predict(params, chunk), cifar10.test_x, 1000))
+        assert common.accuracy(logits, cifar10.test_y) == pytest.approx(card["metrics"]["test_accuracy"], abs=2e-4)
