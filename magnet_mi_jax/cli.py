@@ -78,10 +78,24 @@ def command_line(module: str, argv: list[str] | None = None) -> str:
     return " ".join(["python", "-m", module, *map(shlex.quote, argv)])
 
 
+_commit_at_start: str | None = None
+
+
+def pin_commit() -> str:
+    """Reads the git commit once, as a command starts (:func:`run_main` calls it), for every later
+    :func:`provenance` of the process: a command that runs for hours records the code it ran, not what HEAD has
+    become by the time it writes its result."""
+    global _commit_at_start
+    _commit_at_start = git_commit()
+    return _commit_at_start
+
+
 def provenance(command: str, ds: data.Dataset | None = None, *, commit: str | None = None) -> dict[str, Any]:
     """What every result records about how it was made: the command, the git commit (``commit`` if the caller
-    read it when it started), the device, the JAX version and, with ``ds``, the data files' md5s and source."""
-    out = {"command": command, "git_commit": commit if commit is not None else git_commit(),
+    read it when it started, else the one :func:`pin_commit` read as the command started, else HEAD now), the
+    device, the JAX version and, with ``ds``, the data files' md5s and source."""
+    commit = commit if commit is not None else _commit_at_start if _commit_at_start is not None else git_commit()
+    out = {"command": command, "git_commit": commit,
            "device": device_description(), "jax": jax.__version__}
     if ds is not None:
         out.update(data_md5=ds.md5, data_source=ds.source)
@@ -92,6 +106,7 @@ def run_main(main: Callable[[], Any], errors: tuple[type[BaseException], ...] = 
     """Runs an entry point's ``main`` as a command: expected failures (bad data, a missing or corrupt checkpoint,
     an output of another configuration, and ``errors``) print one line naming the problem and exit with status 2
     instead of a traceback."""
+    pin_commit()
     try:
         main()
     except (data.DataError, checkpoint.CheckpointError, OverwriteError, *errors) as err:

@@ -61,14 +61,15 @@ def git_commit(default: str = "unknown") -> str:
     """The repository's HEAD commit, or ``default``.
 
     ``-dirty`` is appended when a tracked file that can change a result differs from HEAD: edits to Markdown
-    files and to ``results/`` (where runs write) do not count.
+    files, to ``results/`` (where evaluations write), to ``runs/`` (training work folders and their driver
+    scripts) and to ``mutants/`` (mutation-testing verdicts) do not count.
     """
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)*.md", ":(exclude)results"], cwd=root,
+                                ":(exclude)*.md", ":(exclude)results", ":(exclude)runs", ":(exclude)mutants"], cwd=root,
                                capture_output=True, text=True, check=True, timeout=10).stdout.strip()
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

@@ -54,3 +54,22 @@ def test_entry_points_refuse_to_replace_results(tmp_path, module, argv, outputs,
         with pytest.raises(then) as err:
             main([*argv(tmp_path), "--overwrite"])
         assert not isinstance(err.value, cli.OverwriteError)
+
+
+def test_run_main_records_the_commit_the_command_started_at(monkeypatch):
+    """A command that runs for hours while commits land records the commit it started at, not HEAD at its end
+    (found: a CIFAR-10 evaluation named a README commit made while it ran)."""
+    monkeypatch.setattr(cli, "_commit_at_start", None)
+    head = {"now": "started-here"}
+    monkeypatch.setattr(cli, "git_commit", lambda: head["now"])
+    recorded = []
+
+    def long_command():
+        head["now"] = "committed-meanwhile"           # someone commits while the command runs
+        recorded.append(cli.provenance("python -m eval.something")["git_commit"])
+
+    cli.run_main(long_command)
+    assert recorded == ["started-here"]
+    cli.run_main(long_command)                          # the next command starts at the new HEAD
+    assert recorded == ["started-here", "committed-meanwhile"]
+    assert cli.provenance("x", commit="given")["git_commit"] == "given"
