@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from magnet_mi_jax.attacks import cw_l2, ead
+from magnet_mi_jax.attacks._ead import momentum_coefficient
 
 
 def _problem(batch=6, k=4, d=12, seed=0):
@@ -145,8 +146,12 @@ def test_ead_momentum_variants_differ_as_the_reference_counter_says():
     got = ead(linear_logits, x0, labels, params=(w, b), kappa=0.5, const=0.05, beta=0.01, learning_rate=0.01,
               iterations=40, search_steps=3, momentum="textbook")
     np.testing.assert_allclose(np.asarray(got.adv), text, atol=2e-5)
-    with pytest.raises(ValueError, match="momentum"):
+    with pytest.raises(ValueError, match="momentum must be one of"):
         ead(linear_logits, x0, labels, params=(w, b), momentum="nesterov")
+    assert momentum_coefficient(0.0, "reference") == pytest.approx(0.25)      # zeta_0 = 1/4
+    assert momentum_coefficient(3.0, "textbook") == pytest.approx(0.5)        # zeta_3 = 3/6
+    with pytest.raises(ValueError, match=r"momentum must be one of \('reference', 'textbook'\); got 'nesterov'"):
+        momentum_coefficient(0.0, "nesterov")
 
 
 @pytest.mark.parametrize("abort_early", [False, True])
