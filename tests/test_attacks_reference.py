@@ -175,3 +175,19 @@ def test_cw_abort_early_stops_examples_in_the_transcription_too():
     with_abort, _, _ = numpy_cw(w, b, x0, labels, abort_early=True, **kw)
     without, _, _ = numpy_cw(w, b, x0, labels, abort_early=False, **kw)
     assert np.max(np.abs(with_abort - without)) > 1e-4
+
+
+def test_defaults_are_the_reference_codes_settings():
+    """The defaults a user gets are the paper's protocol (1,000 iterations x 9 binary-search steps from
+    c = 1e-3, learning rate 1e-2, EAD's beta = 1e-2) with the reference code's choices where the paper is silent
+    (EAD: elastic-net rule, FISTA with the reference momentum, no abort-early; C&W: abort-early)."""
+    import inspect
+
+    def defaults(fn):
+        return {name: p.default for name, p in inspect.signature(fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+
+    common = dict(kappa=0.0, const=1e-3, learning_rate=1e-2, iterations=1000, search_steps=9, targeted=False)
+    assert defaults(ead) == {**defaults(ead), **common, "beta": 1e-2, "rule": "en", "abort_early": False,
+                             "method": "fista", "momentum": "reference"}
+    assert defaults(cw_l2) == {**defaults(cw_l2), **common, "abort_early": True}
