@@ -156,8 +156,10 @@ def test_ead_momentum_variants_differ_as_the_reference_counter_says():
 
 @pytest.mark.parametrize("abort_early", [False, True])
 def test_cw_matches_a_numpy_transcription_of_the_reference(abort_early):
+    # 65 iterations: not a multiple of 10, so abort-early's check period must be iterations // 10 (= 6), as in
+    # the reference code, not iterations / 10
     w, b, x0, labels = _problem(seed=3)
-    kw = dict(kappa=0.5, c0=0.05, lr=0.05, iterations=60, steps=5)
+    kw = dict(kappa=0.5, c0=0.05, lr=0.05, iterations=65, steps=5)
     want_adv, want_ok, want_c = numpy_cw(w, b, x0, labels, abort_early=abort_early, **kw)
     res = cw_l2(linear_logits, x0, labels, params=(w, b), kappa=kw["kappa"], const=kw["c0"],
                 learning_rate=kw["lr"], iterations=kw["iterations"], search_steps=kw["steps"],
@@ -171,7 +173,7 @@ def test_cw_matches_a_numpy_transcription_of_the_reference(abort_early):
 def test_cw_abort_early_stops_examples_in_the_transcription_too():
     """The abort-early comparison is not vacuous: on this problem some examples stop before K iterations."""
     w, b, x0, labels = _problem(seed=3)
-    kw = dict(kappa=0.5, c0=0.05, lr=0.05, iterations=60, steps=5)
+    kw = dict(kappa=0.5, c0=0.05, lr=0.05, iterations=65, steps=5)
     with_abort, _, _ = numpy_cw(w, b, x0, labels, abort_early=True, **kw)
     without, _, _ = numpy_cw(w, b, x0, labels, abort_early=False, **kw)
     assert np.max(np.abs(with_abort - without)) > 1e-4
