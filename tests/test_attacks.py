@@ -285,6 +285,28 @@ def test_abort_early_is_judged_per_example(name):
     assert not bool(joint.success[0]) and bool(joint.success[1:].all())
 
 
+@pytest.mark.parametrize("abort_early", [False, True])
+def test_iterate_runs_exactly_the_iterations_asked_and_stops_when_none_is_active(abort_early):
+    """``common.iterate`` calls the step for k = 0 .. K-1 (never K), and with abort-early stops after the step
+    that leaves no example active: an off-by-one here is one extra Adam or FISTA step on every example."""
+    def step(k, state):
+        count, ks, active = state
+        return count + 1, ks.at[k].set(k), active
+
+    ks0 = jnp.full((12,), -1, jnp.int32)
+    count, ks, _ = common.iterate(step, (jnp.int32(0), ks0, jnp.ones((3,), bool)), 7, abort_early, active_slot=2)
+    assert int(count) == 7
+    np.testing.assert_array_equal(np.asarray(ks), [0, 1, 2, 3, 4, 5, 6] + [-1] * 5)
+
+    def stop_after_third(k, state):                 # every example stops in the step with k = 2
+        count, active = state
+        return count + 1, active & (k < 2)
+
+    count, active = common.iterate(stop_after_third, (jnp.int32(0), jnp.ones((3,), bool)), 7, abort_early,
+                                   active_slot=1)
+    assert int(count) == (3 if abort_early else 7) and not bool(active.any())
+
+
 # ------------------------------------------------------------------------------------------------ input checks
 
 def test_input_errors():
