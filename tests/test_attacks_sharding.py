@@ -1,4 +1,5 @@
-"""Data-parallel sharding of the attacks: 4 CPU devices give the same results as one.
+"""Data-parallel sharding of the attacks: 4 CPU devices give the same results as one, and ``devices=[d]``
+runs on d.
 
 XLA's host device count is fixed at backend start, so the check runs in a fresh interpreter with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4``.
@@ -40,6 +41,11 @@ SCRIPT = textwrap.dedent("""
         odd = attack(net.apply, x0[:5], labels[:5], **kw)   # batch 10: padded to 12
         assert len(many.adv.sharding.device_set) == 4, many.adv.sharding
         assert len(one.adv.sharding.device_set) == 1
+        elsewhere = jax.device_put(x0, jax.devices()[1])      # the caller's images live on another device
+        last = attack(net.apply, elsewhere, labels, devices=jax.devices()[3:], **kw)
+        assert all(a.sharding.device_set == {jax.devices()[3]} for a in last), last.adv.sharding
+        for a, b in zip(last, one):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         assert bool(one.success.any())
         for a, b in zip(many, one):
             np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-6, rtol=0)
