@@ -376,6 +376,22 @@ def test_second_call_with_new_images_and_weights_does_not_recompile():
     assert len(traces) == n_traces                    # no new trace: no recompilation
     assert _ead_core._cache_size() == n_cache + 1
     assert res.adv.shape == x1.shape
+    # integer kappa and const (as a user types them) are cast to float32, so they reuse the compilation too
+    ead(counted, x1, labels1, params=params2, iterations=20, search_steps=2, kappa=np.array([0, 1, 2, 0]),
+        const=1)
+    assert len(traces) == n_traces and _ead_core._cache_size() == n_cache + 1
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_attack_traced_inside_an_outer_jit_equals_the_eager_call(name):
+    """Inputs that are tracers skip the host-side checks (no ``np.asarray`` of a tracer) and give the eager
+    result: the attacks compose into a user's jitted code."""
+    params, x0, labels = _linear_problem(batch=3, key=15)
+    kw = dict(params=params, iterations=20, search_steps=2)
+    eager = ATTACKS[name](linear_logits, x0, labels, **kw)
+    traced = jax.jit(lambda x, y: ATTACKS[name](linear_logits, x, y, **kw))(x0, labels)
+    for a, b in zip(traced, eager):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
 def test_one_ead_iteration_follows_the_equation():

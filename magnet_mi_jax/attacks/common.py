@@ -371,7 +371,8 @@ class platform_jit:  # noqa: N801 - used as a decorator, like jax.jit
     """``fn`` jitted once per platform: :func:`~magnet_mi_jax.models.layers.cpu_jit` on CPU (lone
     convolutions on Eigen, see :data:`~magnet_mi_jax.models.layers.CPU_COMPILER_OPTIONS`), ``jax.jit``
     elsewhere. Called as ``core(*args, platform=..., **kwargs)``; ``platform`` defaults to
-    ``jax.default_backend()``.
+    ``jax.default_backend()``. Called with traced arguments (inside a caller's ``jax.jit``), it is a plain
+    nested ``jax.jit``: XLA accepts compiler options on the outermost jit only, so the caller's apply.
 
     Example:
       >>> core = platform_jit(lambda x, *, n: x * n, static_argnames=("n",))
@@ -384,6 +385,11 @@ class platform_jit:  # noqa: N801 - used as a decorator, like jax.jit
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args, platform: str | None = None, **kwargs):
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs))):
+            platform = "nested"
+            if platform not in self._jits:
+                self._jits[platform] = jax.jit(self._fn, static_argnames=self._static_argnames)
+            return self._jits[platform](*args, **kwargs)
         platform = platform or jax.default_backend()
         if platform not in self._jits:
             self._jits[platform] = layers.cpu_jit(self._fn, platform=platform, static_argnames=self._static_argnames)
