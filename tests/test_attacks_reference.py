@@ -193,3 +193,20 @@ def test_defaults_are_the_reference_codes_settings():
     assert defaults(ead) == {**defaults(ead), **common, "beta": 1e-2, "rule": "en", "abort_early": False,
                              "method": "fista", "momentum": "reference"}
     assert defaults(cw_l2) == {**defaults(cw_l2), **common, "abort_early": True}
+
+
+@pytest.mark.parametrize("name", ["ead", "cw"])
+def test_calls_relying_on_the_defaults_equal_calls_naming_them(name):
+    """The same defaults by behaviour: mutation tools (and wrappers) may keep a signature while the function
+    behind it changes, so omitting every setting but the loop lengths must give the result of naming the
+    protocol's values."""
+    w, b, x0, labels = _problem(batch=4, seed=3)
+    loop = dict(iterations=30, search_steps=3)
+    attack = {"ead": ead, "cw": cw_l2}[name]
+    named = dict(kappa=0.0, const=1e-3, learning_rate=1e-2, targeted=False)
+    named.update(dict(beta=1e-2, rule="en", abort_early=False, method="fista", momentum="reference")
+                 if name == "ead" else dict(abort_early=True))
+    implicit = attack(linear_logits, x0, labels, params=(w, b), **loop)
+    explicit = attack(linear_logits, x0, labels, params=(w, b), **loop, **named)
+    for a, e in zip(implicit, explicit):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
