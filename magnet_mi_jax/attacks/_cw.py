@@ -102,15 +102,10 @@ def _cw_loop(params, x0, labels, kappa, const, learning_rate, *, objective, iter
             ok = ok & still
             step_ok = step_ok | ok
             best_l2, best_adv, best_const = keep_best(best_l2, best_adv, best_const, x, l2sq, ok, c)
-            updates, new_state = optimizer.update(g, opt_state)
-            w_new = optax.apply_updates(w, updates)
-            if abort_early:      # stopped examples keep their iterate and moments (the step count is shared)
-                act = common.per_example(active, w)
-                w_new = jnp.where(act, w_new, w)
-                new_state = new_state._replace(mu=jnp.where(act, new_state.mu, opt_state.mu),
-                                               nu=jnp.where(act, new_state.nu, opt_state.nu))
-            active = still
-            return w_new, new_state, step_ok, best_l2, best_adv, best_const, active, prev
+            # A stopped example's iterate goes on moving (its gradient is its own) but is never recorded
+            # again: ``still`` only falls within a search step, and the next step starts a fresh w and Adam.
+            updates, opt_state = optimizer.update(g, opt_state)
+            return optax.apply_updates(w, updates), opt_state, step_ok, best_l2, best_adv, best_const, still, prev
 
         w0 = jnp.zeros_like(x0)
         init = (w0, optimizer.init(w0), jnp.zeros(labels.shape, bool), best_l2, best_adv, best_const,
