@@ -372,7 +372,7 @@ class platform_jit:  # noqa: N801 - used as a decorator, like jax.jit
     convolutions on Eigen, see :data:`~magnet_mi_jax.models.layers.CPU_COMPILER_OPTIONS`), ``jax.jit``
     elsewhere. Called as ``core(*args, platform=..., **kwargs)``; ``platform`` defaults to
     ``jax.default_backend()``. Called with traced arguments (inside a caller's ``jax.jit``), it is a plain
-    nested ``jax.jit``: XLA accepts compiler options on the outermost jit only, so the caller's apply.
+    nested ``jax.jit``: XLA accepts compiler options on the outermost jit only, so the caller's jit sets them.
 
     Example:
       >>> core = platform_jit(lambda x, *, n: x * n, static_argnames=("n",))
