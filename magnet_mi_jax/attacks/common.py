@@ -385,15 +385,12 @@ class platform_jit:  # noqa: N801 - used as a decorator, like jax.jit
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args, platform: str | None = None, **kwargs):
-        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs))):
-            platform = "nested"
-            if platform not in self._jits:
-                self._jits[platform] = jax.jit(self._fn, static_argnames=self._static_argnames)
-            return self._jits[platform](*args, **kwargs)
-        platform = platform or jax.default_backend()
-        if platform not in self._jits:
-            self._jits[platform] = layers.cpu_jit(self._fn, platform=platform, static_argnames=self._static_argnames)
-        return self._jits[platform](*args, **kwargs)
+        nested = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs)))
+        key = "nested" if nested else platform or jax.default_backend()
+        if key not in self._jits:
+            self._jits[key] = (jax.jit(self._fn, static_argnames=self._static_argnames) if nested else
+                               layers.cpu_jit(self._fn, platform=key, static_argnames=self._static_argnames))
+        return self._jits[key](*args, **kwargs)
 
     def _cache_size(self) -> int:
         """Compiled variants held, over all platforms (for recompilation tests)."""
