@@ -179,33 +179,37 @@ def test_cw_abort_early_stops_examples_in_the_transcription_too():
     assert np.max(np.abs(with_abort - without)) > 1e-4
 
 
-def test_defaults_are_the_reference_codes_settings():
-    """The defaults a user gets are the paper's protocol (1,000 iterations x 9 binary-search steps from
-    c = 1e-3, learning rate 1e-2, EAD's beta = 1e-2) with the reference code's choices where the paper is silent
-    (EAD: elastic-net rule, FISTA with the reference momentum, no abort-early; C&W: abort-early)."""
+# The paper's protocol (1,000 iterations x 9 binary-search steps from c = 1e-3, learning rate 1e-2, EAD's
+# beta = 1e-2) with the reference code's choices where the paper is silent (EAD: elastic-net rule, FISTA with
+# the reference momentum, no abort-early; C&W: abort-early).
+_PROTOCOL = dict(kappa=0.0, const=1e-3, learning_rate=1e-2, iterations=1000, search_steps=9, targeted=False)
+PROTOCOL_DEFAULTS = {
+    "ead": {**_PROTOCOL, "beta": 1e-2, "rule": "en", "abort_early": False, "method": "fista",
+            "momentum": "reference"},
+    "cw": {**_PROTOCOL, "abort_early": True},
+}
+ATTACKS = {"ead": ead, "cw": cw_l2}
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_defaults_are_the_reference_codes_settings(name):
+    """The defaults a user gets, read from the signature, are :data:`PROTOCOL_DEFAULTS`."""
     import inspect
 
-    def defaults(fn):
-        return {name: p.default for name, p in inspect.signature(fn).parameters.items()
+    defaults = {arg: p.default for arg, p in inspect.signature(ATTACKS[name]).parameters.items()
                 if p.default is not inspect.Parameter.empty}
-
-    common = dict(kappa=0.0, const=1e-3, learning_rate=1e-2, iterations=1000, search_steps=9, targeted=False)
-    assert defaults(ead) == {**defaults(ead), **common, "beta": 1e-2, "rule": "en", "abort_early": False,
-                             "method": "fista", "momentum": "reference"}
-    assert defaults(cw_l2) == {**defaults(cw_l2), **common, "abort_early": True}
+    assert defaults == {**defaults, **PROTOCOL_DEFAULTS[name]}
 
 
-@pytest.mark.parametrize("name", ["ead", "cw"])
+@pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_calls_relying_on_the_defaults_equal_calls_naming_them(name):
     """The same defaults by behaviour: mutation tools (and wrappers) may keep a signature while the function
     behind it changes, so omitting every setting but the loop lengths must give the result of naming the
     protocol's values."""
     w, b, x0, labels = _problem(batch=4, seed=3)
     loop = dict(iterations=30, search_steps=3)
-    attack = {"ead": ead, "cw": cw_l2}[name]
-    named = dict(kappa=0.0, const=1e-3, learning_rate=1e-2, targeted=False)
-    named.update(dict(beta=1e-2, rule="en", abort_early=False, method="fista", momentum="reference")
-                 if name == "ead" else dict(abort_early=True))
+    attack = ATTACKS[name]
+    named = {k: v for k, v in PROTOCOL_DEFAULTS[name].items() if k not in loop}
     implicit = attack(linear_logits, x0, labels, params=(w, b), **loop)
     explicit = attack(linear_logits, x0, labels, params=(w, b), **loop, **named)
     for a, e in zip(implicit, explicit):
