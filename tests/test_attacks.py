@@ -307,6 +307,31 @@ def test_iterate_runs_exactly_the_iterations_asked_and_stops_when_none_is_active
     assert int(count) == (3 if abort_early else 7) and not bool(active.any())
 
 
+def test_finish_takes_both_constants_or_neither():
+    x = jnp.zeros((2, 3, 3, 1))
+    found = jnp.array([True, False])
+    res = common.finish(x, x + 0.5, found, jnp.array([1.0, 2.0]), jnp.array([3.0, 4.0]))
+    np.testing.assert_array_equal(res.const, [1.0, 4.0])          # the best c if found, else the last one
+    np.testing.assert_array_equal(res.l1, [4.5, 0.0])             # the original image where nothing was found
+    no_const = common.finish(x, x + 0.5, found).const             # an attack without a constant: NaN
+    assert no_const.shape == (2,) and no_const.dtype == jnp.float32 and np.isnan(no_const).all()
+    with pytest.raises(ValueError, match="both"):
+        common.finish(x, x, found, jnp.ones(2))
+
+
+def test_make_objective_passes_an_objective_through_and_names_what_it_lacks():
+    objective = common.MarginObjective(linear_logits)
+    assert common.make_objective(objective, params={}, targeted=False, fast=True) is objective
+    with pytest.raises(ValueError, match="^MarginObjective needs params"):
+        common.make_objective(objective, params=None, targeted=False, fast=True)
+    with pytest.raises(ValueError, match="targeting is the objective's own field"):
+        common.make_objective(objective, params={}, targeted=True, fast=True)
+    with pytest.raises(TypeError, match="must be a function or an Objective; got int"):
+        common.make_objective(3, params=None, targeted=False, fast=True)
+    made = common.make_objective(linear_logits, params=None, targeted=1, fast=0)
+    assert made == common.MarginObjective(linear_logits, has_params=False, targeted=True, fast=False)
+
+
 # ------------------------------------------------------------------------------------------------ input checks
 
 def test_input_errors():

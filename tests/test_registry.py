@@ -55,17 +55,6 @@ def test_registry_refuses_clashes_and_names_unknown_attacks():
         registry.AttackRun("x", ("a",), {}, lambda p: {}, lambda *a: {})
 
 
-def test_finish_takes_both_constants_or_neither():
-    x = jnp.zeros((2, 3, 3, 1))
-    found = jnp.array([True, False])
-    res = common.finish(x, x + 0.5, found, jnp.array([1.0, 2.0]), jnp.array([3.0, 4.0]))
-    np.testing.assert_array_equal(res.const, [1.0, 4.0])          # the best c if found, else the last one
-    np.testing.assert_array_equal(res.l1, [4.5, 0.0])
-    assert np.isnan(common.finish(x, x + 0.5, found).const).all()
-    with pytest.raises(ValueError, match="both"):
-        common.finish(x, x, found, jnp.ones(2))
-
-
 # A new attack, as a user would add one: brighten every pixel by eps (clipped to the box), at every kappa.
 
 def _brighten_settings(protocol) -> dict:
