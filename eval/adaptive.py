@@ -47,7 +47,7 @@ import numpy as np
 from magnet_mi_jax import cli, data, datasets
 from magnet_mi_jax.attacks import ATTACK_VERSION, adaptive, cw_l2, ead, registry
 from magnet_mi_jax.detectors import (attack_accuracy, calibrate, decide, make_defense_fn,
-                                     map_batches, roc_auc, tpr_at_fpr)
+                                     map_batches, roc_auc, roc_curve, tpr_at_fpr)
 from eval import protocol
 
 ATTACKS = ("ead_en", "ead_l1", "cw_l2")
@@ -156,14 +156,6 @@ def load_call(path: Path) -> dict[str, dict[str, np.ndarray]] | None:
         raise ValueError(f"cached examples {path} are unreadable ({err}); delete the file to recompute it") from err
 
 
-def roc_points(natural: np.ndarray, adversarial: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(FPR, TPR) of the rule "flag iff score >= t" over every threshold t, from (0, 0)... to (1, 1)."""
-    t = np.unique(np.concatenate([natural, adversarial]))[::-1]
-    fpr = np.concatenate([[0.0], (natural[None, :] >= t[:, None]).mean(1), [1.0]])
-    tpr = np.concatenate([[0.0], (adversarial[None, :] >= t[:, None]).mean(1), [1.0]])
-    return fpr, tpr
-
-
 def judge(outputs, thresholds, specs, labels: np.ndarray, cell: Mapping[str, np.ndarray], kappa_row: int,
           natural: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """Both defenses' verdicts on one (attack, target, kappa) set of examples."""
@@ -265,7 +257,7 @@ def run(config: AdaptiveConfig, out: Path, *, data_dir: str | None = None, sourc
                 row.update(attack=attack, target=target, kappa=kappa)
                 rows[f"{attack}/{target}/{kappa:g}"] = row
                 ok = cell["success"][g].astype(bool)
-                curves[(attack, target, kappa)] = {n: roc_points(natural[n], np.asarray(outputs.scores[n])[ok])
+                curves[(attack, target, kappa)] = {n: roc_curve(natural[n], np.asarray(outputs.scores[n])[ok])
                                                    for n in natural} if ok.any() else {}
 
     result = {

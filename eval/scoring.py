@@ -14,8 +14,8 @@ Scores (larger = more suspicious), for a batch x (B, H, W, C), K classes and tem
   ``HXgY_T<T>`` (H(X|Y) = sum_j p_Y(j) H(P[j, :]), the same under both readings).
 
 Metrics per score: ROC AUC (Mann-Whitney, ties count 1/2; AUC < 0.5 means the score is *lower* on adversarial
-inputs and 1 - AUC is the AUC of the reversed score) and the TPR at FPR 0.5% with the threshold calibrated on
-the natural scores (MagNet's rule), in both directions.
+inputs and 1 - AUC is the AUC of the reversed score) and the TPR at each false-positive rate r (default 0.5%,
+MagNet's rate, and 5%) with the threshold calibrated on the natural scores (MagNet's rule), in both directions.
 """
 
 from __future__ import annotations
@@ -40,12 +40,13 @@ from magnet_mi_jax.detectors import _checks
 from magnet_mi_jax.detectors.forward import SharedForward
 from magnet_mi_jax.detectors.mi import READINGS
 
-__all__ = ["DEFAULT_TEMPERATURES", "DEFAULT_FPR", "DEFAULT_N_NATURAL", "AnalysisError", "mi_detectors", "analysis_detectors",
-           "detector_scores", "make_score_fn", "score_names", "flatten_scores", "score_metrics", "analyse",
-           "read_table", "run_checkpoints", "tables_config", "shard_from_name", "load_cells"]
+__all__ = ["DEFAULT_TEMPERATURES", "DEFAULT_FPR", "DEFAULT_FPRS", "DEFAULT_N_NATURAL", "AnalysisError", "mi_detectors",
+           "analysis_detectors", "detector_scores", "make_score_fn", "score_names", "flatten_scores", "rate_key",
+           "score_metrics", "analyse", "pool_over_kappa", "read_table", "run_checkpoints", "tables_config", "shard_from_name", "load_cells"]
 
 DEFAULT_TEMPERATURES = (1.0, 10.0, 40.0)
 DEFAULT_FPR = 0.005
+DEFAULT_FPRS = (DEFAULT_FPR, 0.05)        # MagNet's rate first: the one the reports' tables show
 DEFAULT_N_NATURAL = 1000
 MI_QUANTITIES = ("jaccard", "mutual_information")          # per reading
 MI_PREFIX = {"jaccard": "dJ", "mutual_information": "MI"}
@@ -147,39 +148,58 @@ def flatten_scores(scores: Mapping[str, Any], temperatures: Sequence[float] = DE
 # --------------------------------------------------------------------------------------------------
 
 
-def score_metrics(natural: np.ndarray, adversarial: np.ndarray, fpr: float = DEFAULT_FPR) -> dict[str, Any]:
-    """ROC AUC and TPR at ``fpr`` of one score, natural (negatives) vs adversarial (positives).
+def _rates(fprs: float | Sequence[float]) -> tuple[float, ...]:
+    rates = (float(fprs),) if np.ndim(fprs) == 0 else tuple(float(r) for r in fprs)
+    if not rates or len(set(rates)) != len(rates):
+        raise ValueError(f"fprs must be one or more distinct rates, got {fprs!r}")
+    return rates
+
+
+def rate_key(fpr: float) -> str:
+    """The JSON key of a false-positive rate: ``"0.005"`` for 0.5%."""
+    return f"{float(fpr):g}"
+
+
+def score_metrics(natural: np.ndarray, adversarial: np.ndarray,
+                  fprs: float | Sequence[float] = DEFAULT_FPRS) -> dict[str, Any]:
+    """ROC AUC and the TPR at each rate of ``fprs`` of one score, natural (negatives) vs adversarial (positives).
 
     Args:
-      natural: (N,) natural scores (they calibrate the threshold: n = floor(N r), the n-th largest).
+      natural: (N,) natural scores (they calibrate each threshold: n = floor(N r), the n-th largest).
       adversarial: (M,) adversarial scores; M = 0 gives ``None`` metrics.
-      fpr: r in (0, 1).
+      fprs: one rate r in (0, 1) or several; the first is the primary one.
 
     Returns:
-      ``{"auc", "tpr", "threshold", "tpr_reversed", "threshold_reversed", "n_adversarial"}``: ``tpr`` flags
-      score >= threshold; ``tpr_reversed`` applies the same rule to the negated score (smaller = adversarial).
+      ``{"auc", "n_adversarial", "at_fpr": {rate_key(r): {"tpr", "threshold", "tpr_reversed",
+      "threshold_reversed"}}}`` with the primary rate's four entries also at the top level: ``tpr`` flags
+      score >= threshold; ``tpr_reversed`` applies the same rule to the negated score (smaller = adversarial);
+      a threshold is None where n = floor(N r) = 0 (nothing can be flagged).
     """
+    rates = _rates(fprs)
     natural = np.asarray(natural, np.float64)
     adversarial = np.asarray(adversarial, np.float64)
     if len(adversarial) == 0:
-        return {"auc": None, "tpr": None, "threshold": None, "tpr_reversed": None, "threshold_reversed": None,
-                "n_adversarial": 0}
-    high = tpr_at_fpr(natural, adversarial, fpr)
-    low = tpr_at_fpr(-natural, -adversarial, fpr)
+        empty = {"tpr": None, "threshold": None, "tpr_reversed": None, "threshold_reversed": None}
+        return {"auc": None, **empty, "n_adversarial": 0, "at_fpr": {rate_key(r): dict(empty) for r in rates}}
     finite = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731  (n = floor(N r) = 0: no threshold)
-    return {"auc": roc_auc(natural, adversarial), "tpr": high.tpr, "threshold": finite(high.threshold),
-            "tpr_reversed": low.tpr, "threshold_reversed": finite(-low.threshold),
-            "n_adversarial": int(len(adversarial))}
+    at_fpr = {}
+    for r in rates:
+        high = tpr_at_fpr(natural, adversarial, r)
+        low = tpr_at_fpr(-natural, -adversarial, r)
+        at_fpr[rate_key(r)] = {"tpr": high.tpr, "threshold": finite(high.threshold), "tpr_reversed": low.tpr,
+                               "threshold_reversed": finite(-low.threshold)}
+    return {"auc": roc_auc(natural, adversarial), **at_fpr[rate_key(rates[0])],
+            "n_adversarial": int(len(adversarial)), "at_fpr": at_fpr}
 
 
 def analyse(natural: Mapping[str, np.ndarray], adversarial: Mapping[tuple[str, float], Mapping[str, np.ndarray]],
-            fpr: float = DEFAULT_FPR) -> dict[str, Any]:
+            fprs: float | Sequence[float] = DEFAULT_FPRS) -> dict[str, Any]:
     """Metrics of every score per (attack, kappa) cell and pooled over the kappas of each attack.
 
     Args:
       natural: score name -> (N,) natural scores.
-      adversarial: (attack, kappa) -> score name -> (M_cell,) scores of the cell's successful examples.
-      fpr: the false-positive rate of the TPR.
+      adversarial: (attack, kappa) -> score name -> (M_cell,) scores of the cell's adversarial examples.
+      fprs: the false-positive rates of the TPRs (:func:`score_metrics`).
 
     Returns:
       ``{"cells": {"<attack>/<kappa>": {"attack", "kappa", "n_adversarial", "scores": {name: metrics}}},
@@ -192,14 +212,20 @@ def analyse(natural: Mapping[str, np.ndarray], adversarial: Mapping[tuple[str, f
             raise ValueError(f"cell {attack}/{kappa:g} lacks scores {sorted(missing)}")
         cells[f"{attack}/{kappa:g}"] = {
             "attack": attack, "kappa": float(kappa), "n_adversarial": int(len(next(iter(adv.values())))),
-            "scores": {name: score_metrics(natural[name], adv[name], fpr) for name in natural}}
-    for attack in dict.fromkeys(a for a, _ in adversarial):
-        keys = [key for key in adversarial if key[0] == attack]
-        joined = {name: np.concatenate([adversarial[key][name] for key in keys]) for name in natural}
-        pooled[attack] = {"kappas": [float(k) for _, k in keys], "n_adversarial": int(len(next(iter(joined.values())))),
-                          "scores": {name: score_metrics(natural[name], joined[name], fpr) for name in natural}}
+            "scores": {name: score_metrics(natural[name], adv[name], fprs) for name in natural}}
+    for attack, joined in pool_over_kappa(adversarial).items():
+        pooled[attack] = {"kappas": [float(k) for a, k in adversarial if a == attack],
+                          "n_adversarial": int(len(next(iter(joined.values())))),
+                          "scores": {name: score_metrics(natural[name], joined[name], fprs) for name in natural}}
     return {"cells": cells, "pooled": pooled}
 
+
+def pool_over_kappa(adversarial: Mapping[tuple[str, float], Mapping[str, np.ndarray]]
+                    ) -> dict[str, dict[str, np.ndarray]]:
+    """attack -> score name -> the scores of all its cells, concatenated in the cells' order."""
+    attacks = dict.fromkeys(a for a, _ in adversarial)
+    return {attack: {name: np.concatenate([adv[name] for (a, _), adv in adversarial.items() if a == attack])
+                     for name in next(iter(adversarial.values()))} for attack in attacks}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ N_NAT = 40          # natural validation images
 N_ATT = 40          # "attacked" images per cell
 N_ONES = 30         # successful all-ones examples in cw_l2/0 (the other 10 failed and must be ignored)
 FPR = 0.05          # n = floor(40 * 0.05) = 2 natural scores above the threshold
+FPR2 = 0.1          # a second rate: n = 4
 TEMPS = (1.0, 10.0, 40.0)
 CONFIG = dataclasses.replace(protocol.protocol("mnist"), n_images=N_ATT, kappas=(0.0, 10.0), attacks=("cw_l2", "ead_l1"),
                              iterations=5, search_steps=1, shard_size=N_ATT, quick=True)
@@ -87,7 +88,7 @@ def synthetic(tmp_path_factory, mnist, data_dir):
     results = root / "results"
     table = _write_run(results, ckpt, clf, mnist)
     out = detector_auc.main(["--dataset", "mnist", "--results", str(results), "--n-natural", str(N_NAT),
-                             "--fpr", str(FPR), "--batch-size", "20", "--source", "files", "--data-dir", str(data_dir),
+                             "--fpr", f"{FPR},{FPR2}", "--batch-size", "20", "--source", "files", "--data-dir", str(data_dir),
                              "--json", str(root / "auc.json")])
     return root, results, ckpt, table, out
 
@@ -97,7 +98,7 @@ def test_schema_and_files(synthetic):
     saved = json.loads((root / "auc.json").read_text())   # strict JSON round trip (no NaN/Infinity needed)
     assert saved["cells"] == json.loads(json.dumps(out["cells"]))
     md = (results / "detector_auc.md").read_text()
-    assert "## Pooled over kappa" in md and "| dJ_literal_T1 |" in md and "| HXgY_T40 |" in md
+    assert "## Successful examples, pooled over kappa" in md and "| dJ_literal_T1 |" in md and "| HXgY_T40 |" in md
     assert saved["checkpoints"] == str(ckpt)   # taken from the run's recorded command
     # Cards that differ from those the run recorded are reported (the cache key pins only the classifier).
     assert len(saved["warnings"]) == 1 and "model ae_ii" in saved["warnings"][0]
@@ -110,14 +111,29 @@ def test_schema_and_files(synthetic):
     for group in list(saved["cells"].values()) + list(saved["pooled"].values()):
         assert set(group["scores"]) == names
         for m in group["scores"].values():
-            assert set(m) == {"auc", "tpr", "threshold", "tpr_reversed", "threshold_reversed", "n_adversarial"}
+            assert set(m) == {"auc", "tpr", "threshold", "tpr_reversed", "threshold_reversed", "n_adversarial",
+                              "at_fpr"}
+            assert set(m["at_fpr"]) == {"0.05", "0.1"}
+            assert all(m[k] == m["at_fpr"]["0.05"][k] for k in m["at_fpr"]["0.05"])   # the first rate's, on top
             if group["n_adversarial"]:
                 assert 0.0 <= m["auc"] <= 1.0 and 0.0 <= m["tpr"] <= 1.0 and 0.0 <= m["tpr_reversed"] <= 1.0
+                # a higher rate flags at least as much, with a threshold at most as high
+                assert m["at_fpr"]["0.1"]["tpr"] >= m["tpr"] and m["at_fpr"]["0.1"]["threshold"] <= m["threshold"]
     # Only successful examples count; a cell without successes has no metrics.
     assert saved["cells"]["cw_l2/0"]["n_adversarial"] == N_ONES
     assert saved["cells"]["ead_l1/0"]["n_adversarial"] == 0
     assert all(m["auc"] is None for m in saved["cells"]["ead_l1/0"]["scores"].values())
     assert saved["pooled"]["cw_l2"]["n_adversarial"] == N_ONES + N_ATT
+    assert saved["fprs"] == [FPR, FPR2] and saved["fpr"] == FPR
+    # All examples: every output of every cell, failed attacks included.
+    every = saved["all_examples"]
+    assert set(every["cells"]) == set(saved["cells"]) and set(every["pooled"]) == {"cw_l2", "ead_l1"}
+    assert all(c["n_adversarial"] == N_ATT for c in every["cells"].values())
+    assert every["pooled"]["cw_l2"]["n_adversarial"] == 2 * N_ATT
+    # The ROC figure is drawn and named in the report.
+    roc = results / "detector_roc.png"
+    assert roc.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and saved["roc_figure"] == str(roc)
+    assert "## All examples" in md and str(roc) in md
 
 
 def test_known_aucs(synthetic):
@@ -136,6 +152,20 @@ def test_known_aucs(synthetic):
         expect = (N_ONES * cells["cw_l2/0"]["scores"][name]["auc"] + N_ATT * 0.5) / (N_ONES + N_ATT)
         assert m["auc"] == pytest.approx(expect, abs=1e-12), name
     assert pooled["ead_l1"]["scores"] == cells["ead_l1/10"]["scores"]
+    # At the second rate too: n = floor(40 * 0.1) = 4 natural scores at or above the threshold.
+    for name in ("I", "II"):
+        ones = cells["cw_l2/0"]["scores"][name]["at_fpr"]["0.1"]
+        noise = cells["ead_l1/10"]["scores"][name]["at_fpr"]["0.1"]
+        assert ones["tpr"] == 1.0 and noise["tpr"] == 0.0 and noise["tpr_reversed"] == 1.0
+    # All examples: the 10 failed outputs of cw_l2/0 are the half-grey images, whose MagNet scores are exactly
+    # 0 (AE(x) = x), below every digit; the 30 all-ones above every digit: AUC 30/40, TPR 30/40 at both rates.
+    every = out["all_examples"]["cells"]
+    for name in ("I", "II"):
+        m = every["cw_l2/0"]["scores"][name]
+        assert m["auc"] == N_ONES / N_ATT and m["tpr"] == m["at_fpr"]["0.1"]["tpr"] == N_ONES / N_ATT
+        # ead_l1/0 had no success, but all its 40 outputs (noise) are scored: below every digit
+        assert every["ead_l1/0"]["scores"][name]["auc"] == 0.0
+    assert every["cw_l2/10"]["scores"] == cells["cw_l2/10"]["scores"]         # every attack succeeded there
 
 
 def test_scores_equal_per_t_library_calls_and_pin_the_aucs(synthetic, mnist):
@@ -189,7 +219,7 @@ def test_scores_equal_per_t_library_calls_and_pin_the_aucs(synthetic, mnist):
 
 def test_clear_errors(synthetic, tmp_path, mnist):
     root, results, ckpt, table, _ = synthetic
-    kwargs = dict(dataset_name="mnist", dataset=mnist, n_natural=N_NAT, fpr=FPR, batch_size=20)
+    kwargs = dict(dataset_name="mnist", dataset=mnist, n_natural=N_NAT, fprs=(FPR,), batch_size=20)
     with pytest.raises(scoring.AnalysisError, match="results folder .*nowhere does not exist"):
         detector_auc.run(tmp_path / "nowhere", **kwargs)
     (tmp_path / "empty").mkdir()
@@ -208,6 +238,11 @@ def test_clear_errors(synthetic, tmp_path, mnist):
     (broken / "table.json").write_text(json.dumps(moved))
     with pytest.raises(scoring.AnalysisError, match="made for other classifier weights"):
         detector_auc.run(broken, **kwargs)
+    for bad in ("0.05,0.05", "0.5,1", "five"):
+        with pytest.raises(SystemExit, match="2"):
+            detector_auc.main(["--dataset", "mnist", "--results", str(results), "--fpr", bad])
+    with pytest.raises(ValueError, match="distinct rates"):
+        scoring.score_metrics(np.arange(5.0), np.arange(3.0), (0.1, 0.1))
     # The CLI turns these into a one-line error and exit status 2.
     with pytest.raises(SystemExit) as exc:
         detector_auc.main(["--dataset", "mnist", "--results", str(tmp_path / "nowhere")])

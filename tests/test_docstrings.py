@@ -1,4 +1,5 @@
-"""The runnable examples in the docstrings of the attack, layer and checkpoint modules run and print what they show."""
+"""The runnable examples in the docstrings of the attack, metrics, layer and checkpoint modules run and print what
+they show."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 MODULES = ["magnet_mi_jax.attacks.common", "magnet_mi_jax.attacks._cw", "magnet_mi_jax.attacks._ead",
            "magnet_mi_jax.attacks.fastvjp", "magnet_mi_jax.attacks.adaptive", "magnet_mi_jax.attacks.registry",
-           "magnet_mi_jax.models.layers", "magnet_mi_jax.checkpoint"]
+           "magnet_mi_jax.detectors.metrics", "magnet_mi_jax.models.layers", "magnet_mi_jax.checkpoint"]
 
 
 @pytest.mark.parametrize("name", MODULES)

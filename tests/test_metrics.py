@@ -86,12 +86,18 @@ def brute_force_auc(neg, pos):
     return total / (len(pos) * len(neg))
 
 
-def trapezoid_auc(neg, pos):
-    """Area under the empirical ROC curve swept over every distinct threshold (ties give diagonal steps)."""
+def brute_force_roc(neg, pos):
+    """The empirical ROC curve swept over every distinct threshold, by direct counting."""
     cuts = np.unique(np.concatenate([neg, pos]))[::-1]
-    tpr = [0.0] + [np.mean(pos >= c) for c in cuts]
     fpr = [0.0] + [np.mean(neg >= c) for c in cuts]
-    return float(np.sum(np.diff(fpr) * (np.array(tpr[1:]) + np.array(tpr[:-1])) / 2))
+    tpr = [0.0] + [np.mean(pos >= c) for c in cuts]
+    return np.array(fpr), np.array(tpr)
+
+
+def trapezoid_auc(neg, pos):
+    """Area under the empirical ROC curve (ties give diagonal steps)."""
+    fpr, tpr = brute_force_roc(neg, pos)
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
 
 @SETTINGS
@@ -104,6 +110,32 @@ def test_roc_auc_equals_pairwise_and_trapezoid(neg, pos, scale):
     assert auc == pytest.approx(brute_force_auc(neg, pos), abs=1e-12)
     assert auc == pytest.approx(trapezoid_auc(neg, pos), abs=1e-12)
     assert metrics.roc_auc(pos, neg) == pytest.approx(1 - auc, abs=1e-12)   # swapping the classes
+
+
+@SETTINGS
+@given(st.lists(st.integers(-5, 5), min_size=1, max_size=40), st.lists(st.integers(-5, 5), min_size=1, max_size=40))
+def test_roc_curve_is_the_counted_curve_and_its_area_is_the_auc(neg, pos):
+    neg = np.array(neg, np.float64) / 7                             # ties within and across the two sets
+    pos = np.array(pos, np.float64) / 7
+    fpr, tpr = metrics.roc_curve(neg, pos)
+    want_fpr, want_tpr = brute_force_roc(neg, pos)
+    np.testing.assert_array_equal(fpr, want_fpr)
+    np.testing.assert_array_equal(tpr, want_tpr)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0) and np.all(np.diff(fpr) + np.diff(tpr) > 0)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(metrics.roc_auc(neg, pos), abs=1e-12)
+
+
+def test_roc_curve_known_values_and_errors():
+    fpr, tpr = metrics.roc_curve([0.1, 0.2, 0.3, 0.4], [0.35, 0.5])
+    # t = 0.5, 0.4, 0.35, ...: at t = 0.35 one natural score of four reaches it and both adversarial ones do
+    assert list(zip(fpr, tpr)) == [(0, 0), (0, 0.5), (0.25, 0.5), (0.25, 1), (0.5, 1), (0.75, 1), (1, 1)]
+    fpr, tpr = metrics.roc_curve(np.full(3, 2.0), np.full(5, 2.0))             # one tie: the diagonal
+    assert list(zip(fpr, tpr)) == [(0, 0), (1, 1)]
+    with pytest.raises(ValueError, match="^adversarial_scores holds NaN"):
+        metrics.roc_curve([0.0], [np.nan])
+    with pytest.raises(ValueError, match="^natural_scores must be a non-empty 1-D array"):
+        metrics.roc_curve([], [1.0])
 
 
 def test_roc_auc_known_values():
@@ -157,6 +189,8 @@ def test_nan_scores_count_as_flagged_where_allowed():
     (lambda bad: metrics.false_positive_rate(bad, 0.5), "natural_scores"),
     (lambda bad: metrics.roc_auc(bad, [1.0]), "natural_scores"),
     (lambda bad: metrics.roc_auc([1.0], bad), "adversarial_scores"),
+    (lambda bad: metrics.roc_curve(bad, [1.0]), "natural_scores"),
+    (lambda bad: metrics.roc_curve([1.0], bad), "adversarial_scores"),
     (lambda bad: metrics.tpr_at_fpr(bad, [1.0], 0.5), "natural_scores"),
     (lambda bad: metrics.tpr_at_fpr([1.0, 2.0], bad, 0.5), "adversarial_scores"),
     (lambda bad: metrics.tpr_at_fpr([1.0, 2.0], [1.0], 0.5, calibration_scores=bad), "calibration_scores"),

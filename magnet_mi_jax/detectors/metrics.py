@@ -1,4 +1,4 @@
-"""Defense metrics: MagNet's accuracy breakdown, ROC AUC and detection rate at a fixed false-positive rate.
+"""Defense metrics: MagNet's accuracy breakdown, ROC AUC and curve, detection rate at a fixed false-positive rate.
 
 MagNet (Trevillie/MagNet ``Evaluator.get_attack_acc`` / ``get_normal_acc``) evaluates a defense on N inputs
 from three boolean arrays: ``flagged`` (some detector rejects the input), ``reformed_correct`` (the classifier
@@ -29,8 +29,8 @@ import numpy as np
 
 from magnet_mi_jax.detectors.thresholds import check_rate, threshold_at_fpr
 
-__all__ = ["DefenseAccuracy", "attack_accuracy", "clean_accuracy", "roc_auc", "DetectionRate", "tpr_at_fpr",
-           "detection_rates", "false_positive_rate", "DEFAULT_FPRS"]
+__all__ = ["DefenseAccuracy", "attack_accuracy", "clean_accuracy", "roc_auc", "roc_curve", "DetectionRate",
+           "tpr_at_fpr", "detection_rates", "false_positive_rate", "DEFAULT_FPRS"]
 
 DEFAULT_FPRS = (0.001, 0.005, 0.01, 0.05)
 
@@ -143,6 +143,37 @@ def roc_auc(natural_scores, adversarial_scores) -> float:
     at_or_below = np.searchsorted(neg, pos, side="right")    # natural scores <= s
     twice_wins = int(np.sum(below + at_or_below))            # 2 * (wins + ties / 2)
     return twice_wins / (2.0 * len(neg) * len(pos))
+
+
+def roc_curve(natural_scores, adversarial_scores) -> tuple[np.ndarray, np.ndarray]:
+    """The ROC curve of a detector (adversarial = positive, flag iff score >= t) at every threshold t.
+
+    The thresholds are the distinct scores of both sets, in descending order; at each, FPR(t) = #{natural >= t}
+    / N and TPR(t) = #{adversarial >= t} / M. The curve starts at (0, 0) and ends at (1, 1) (t = the smallest
+    score); joining the points by straight lines counts a tie between the two sets one half, so the area under
+    it is :func:`roc_auc` exactly (``np.trapezoid(tpr, fpr)``). O((N + M) log(N + M)).
+
+    Args:
+      natural_scores: (N,) scores of natural inputs.
+      adversarial_scores: (M,) scores of adversarial inputs.
+
+    Returns:
+      ``(fpr, tpr)``, each (T + 1,) for T distinct thresholds, both non-decreasing.
+
+    Raises:
+      ValueError: empty, non-1-D or NaN scores.
+
+    Example:
+      >>> fpr, tpr = roc_curve([0.1, 0.2, 0.3, 0.4], [0.35, 0.5])
+      >>> [(float(f), float(t)) for f, t in zip(fpr, tpr)]
+      [(0.0, 0.0), (0.0, 0.5), (0.25, 0.5), (0.25, 1.0), (0.5, 1.0), (0.75, 1.0), (1.0, 1.0)]
+    """
+    neg = np.sort(_scores(natural_scores, "natural_scores"))
+    pos = np.sort(_scores(adversarial_scores, "adversarial_scores"))
+    thresholds = np.unique(np.concatenate([neg, pos]))[::-1]
+    at_or_above = lambda s: len(s) - np.searchsorted(s, thresholds, side="left")  # noqa: E731  # #{s >= t}
+    return (np.concatenate([[0.0], at_or_above(neg) / len(neg)]),
+            np.concatenate([[0.0], at_or_above(pos) / len(pos)]))
 
 
 class DetectionRate(NamedTuple):
