@@ -129,8 +129,7 @@ def study_generator(dataset_name: str, applies: Mapping[str, Any], params: Mappi
     metrics = scoring.analyse(natural, adversarial, fpr)
 
     attacks = list(dict.fromkeys(a for a, _ in cells))
-    pooled_adv = {a: {n: np.concatenate([adversarial[key][n] for key in cells if key[0] == a]) for n in natural}
-                  for a in attacks}
+    pooled_adv = scoring.pool_over_kappa(adversarial)
     distributions = {n: {"natural": _quantiles(natural[n]), **{a: _quantiles(pooled_adv[a][n]) for a in attacks}}
                      for n in ("HXgY_T1", "offdiag_T1", "dJ_literal_T1")}
 

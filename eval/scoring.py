@@ -42,7 +42,8 @@ from magnet_mi_jax.detectors.mi import READINGS
 
 __all__ = ["DEFAULT_TEMPERATURES", "DEFAULT_FPR", "DEFAULT_FPRS", "DEFAULT_N_NATURAL", "AnalysisError", "mi_detectors",
            "analysis_detectors", "detector_scores", "make_score_fn", "score_names", "flatten_scores", "rate_key",
-           "score_metrics", "analyse", "pool_over_kappa", "read_table", "run_checkpoints", "tables_config", "shard_from_name", "load_cells"]
+           "score_metrics", "analyse", "pool_over_kappa", "read_table", "run_checkpoints", "tables_config",
+           "shard_from_name", "load_cells"]
 
 DEFAULT_TEMPERATURES = (1.0, 10.0, 40.0)
 DEFAULT_FPR = 0.005
