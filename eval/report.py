@@ -61,6 +61,34 @@ def _fmt_cell(ours: float, paper: float | None) -> str:
     return f"{ours:.1f} ({paper:.1f}, {ours - paper:+.1f})"
 
 
+def wilson_interval(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson's score interval (default 95%) of a proportion p in [0, 1] measured on n trials."""
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    denominator = 1.0 + z * z / n
+    center = (p + z * z / (2 * n)) / denominator
+    half = z * np.sqrt(p * (1.0 - p) / n + z * z / (4 * n * n)) / denominator
+    return float(center - half), float(center + half)
+
+
+def agreement(result: Mapping[str, Any], tolerance: float = 3.0) -> dict[str, int]:
+    """How the table's cells compare with the paper's: of the ``compared`` cells (defense x attack x kappa with
+    a paper number), ``within_tolerance`` lie within ``tolerance`` points of it and ``inside_interval`` have
+    the paper's number inside the cell's 95% Wilson interval (its accuracy measured on ``n_images`` images)."""
+    compared = within = inside = 0
+    for cell in result["cells"].values():
+        for defense in DEFENSES:
+            paper = cell["paper"].get(defense)
+            if paper is None or not cell["n_images"]:
+                continue
+            ours = cell[defense]["accuracy"]
+            low, high = wilson_interval(ours / 100.0, cell["n_images"])
+            compared += 1
+            within += abs(ours - paper) <= tolerance
+            inside += 100.0 * low <= paper <= 100.0 * high
+    return {"compared": compared, "within_tolerance": within, "inside_interval": inside}
+
+
 def _iterations_text(cfg: Mapping[str, Any]) -> str:
     if cfg.get("cw_iterations") is None or cfg["cw_iterations"] == cfg["iterations"]:
         return f"{cfg['iterations']} iterations"
@@ -99,6 +127,11 @@ def render_markdown(result: Mapping[str, Any]) -> str:
                 cells.append(text + (" †" if c is not None and c["n_success"] == 0 else ""))
         lines.append(f"| {kappa:g} | " + " | ".join(cells) + " |")
     clean = result["clean_accuracy"]
+    agree = agreement(result)
+    if agree["compared"]:
+        lines += ["", f"Against the paper: {agree['within_tolerance']} of {agree['compared']} cells lie within 3 points "
+                  f"of its number; in {agree['inside_interval']} its number lies inside our 95% interval (Wilson, "
+                  "on the cell's images)."]
     if any(c["n_success"] == 0 for c in result["cells"].values()):
         lines += ["", "† The attack found no adversarial example in this cell: its accuracy is measured on the "
                   "unperturbed images and says nothing about robustness."]

@@ -47,6 +47,9 @@ def test_outputs_schema_and_resume(tiny_setup, tmp_path):
 
     md = (out / "table.md").read_text()
     assert "QUICK PRESET" in md and "| 5 |" in md and "(94.6, " in md  # paper's MagNet C&W at kappa 5
+    agree = report.agreement(saved)
+    assert agree["compared"] == 2 * len(saved["cells"])
+    assert f"{agree['within_tolerance']} of {agree['compared']} cells lie within 3 points" in md
     csv_lines = (out / "table.csv").read_text().strip().splitlines()
     assert len(csv_lines) == 1 + 2 * len(protocol.ATTACKS) * len(TINY.kappas)
 
@@ -275,6 +278,24 @@ def test_paper_numbers_are_complete():
         assert len(paper) == 2 * 3 * n_kappa
     assert report.paper_tables("mnist")[("mi_magnet", "ead_en", 10.0)] == 44.0
     assert report.paper_clean("cifar10")["mi_magnet"] == 83.18
+
+
+def test_agreement_counts_cells_near_the_papers_number():
+    lo, hi = report.wilson_interval(0.5, 100)
+    assert lo == pytest.approx(0.40383, abs=1e-5) and hi == pytest.approx(0.59617, abs=1e-5)
+    assert report.wilson_interval(0.0, 10)[0] == 0.0 and report.wilson_interval(1.0, 10)[1] == pytest.approx(1.0)
+    cell = lambda n, magnet, mi, paper: {"n_images": n, "magnet": {"accuracy": magnet},  # noqa: E731
+                                         "mi_magnet": {"accuracy": mi}, "paper": paper}
+    result = {"cells": {
+        "a": cell(100, 50.0, 50.0, {"magnet": 52.0, "mi_magnet": 60.0}),    # within 3 and inside; neither
+        "b": cell(1000, 90.0, 90.0, {"magnet": 93.5, "mi_magnet": None}),  # 3.5 off, outside [88.0, 91.7]
+        "c": cell(0, 0.0, 0.0, {"magnet": 1.0, "mi_magnet": 1.0}),          # no images yet (a partial table)
+        "d": cell(20, 80.0, 80.0, {"magnet": 90.0, "mi_magnet": 77.0}),     # 10 off but inside [58.4, 91.9]
+    }}
+    assert report.agreement(result) == {"compared": 5, "within_tolerance": 2, "inside_interval": 3}
+    assert report.agreement(result, tolerance=3.5) == {"compared": 5, "within_tolerance": 3, "inside_interval": 3}
+    with pytest.raises(ValueError, match="n must be positive"):
+        report.wilson_interval(0.5, 0)
 
 
 KILL_SCRIPT = """
