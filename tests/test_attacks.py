@@ -285,6 +285,31 @@ def test_abort_early_is_judged_per_example(name):
     assert not bool(joint.success[0]) and bool(joint.success[1:].all())
 
 
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_abort_early_ends_the_loop_once_every_example_has_stopped(name):
+    """Abort-early saves time: once no example of the batch is active, no further iteration runs (the results
+    would be the same either way, since a stopped example is never recorded again, so only the number of
+    logits evaluations shows it)."""
+    calls = []
+
+    def counted_logits(p, x):
+        jax.debug.callback(lambda: calls.append(1))
+        return _frozen_logits(p, x)
+
+    (w, b), x0, labels = _linear_problem(batch=2, key=11)
+    frozen = jnp.ones(2)                            # neither example can move: both stop at the first check
+    kw = dict(params=(w, b, frozen), const=1.0, iterations=100, search_steps=1)
+    counts = {}
+    for abort_early in (False, True):
+        calls.clear()
+        res = ATTACKS[name](counted_logits, x0, jnp.zeros(2, jnp.int32), abort_early=abort_early, **kw)
+        jax.block_until_ready(res)
+        counts[abort_early] = len(calls)
+        assert not bool(res.success.any())
+    assert counts[False] >= 100                      # every iteration evaluates the logits at least once
+    assert counts[True] <= counts[False] * 15 // 100   # stopped at the check after iteration 10 of 100
+
+
 @pytest.mark.parametrize("abort_early", [False, True])
 def test_iterate_runs_exactly_the_iterations_asked_and_stops_when_none_is_active(abort_early):
     """``common.iterate`` calls the step for k = 0 .. K-1 (never K), and with abort-early stops after the step
