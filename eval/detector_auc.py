@@ -49,8 +49,8 @@ import numpy as np
 
 from eval import protocol
 from eval.scoring import (DEFAULT_FPRS, DEFAULT_N_NATURAL, DEFAULT_TEMPERATURES, AnalysisError, analyse, load_cells,
-                          flatten_scores, make_score_fn, pool_over_kappa, rate_key, read_table, run_checkpoints,
-                          score_names)
+                          flatten_scores, make_score_fn, pool_over_kappa, rate_key, rates_of, read_table,
+                          run_checkpoints, score_names)
 from magnet_mi_jax import checkpoint, cli, data, datasets
 from magnet_mi_jax.attacks import registry
 from magnet_mi_jax.detectors import map_batches, roc_auc, roc_curve
@@ -190,7 +190,7 @@ def plot_roc(natural: Mapping[str, np.ndarray], groups: Mapping[str, Mapping[str
 
 def run(results: str | Path, *, dataset_name: str, checkpoints: str | None = None, data_dir: str | None = None,
         source: str = "auto", dataset: data.Dataset | None = None, n_natural: int = DEFAULT_N_NATURAL,
-        temperatures: Sequence[float] = DEFAULT_TEMPERATURES, fprs: Sequence[float] = DEFAULT_FPRS,
+        temperatures: Sequence[float] = DEFAULT_TEMPERATURES, fprs: float | Sequence[float] = DEFAULT_FPRS,
         batch_size: int = 250, check_cache_key: bool = True, roc: str | Path | None = None,
         command: str = "") -> dict[str, Any]:
     """Scores natural and adversarial images and returns the JSON result (the ROC figure is its only file).
@@ -260,7 +260,7 @@ def run(results: str | Path, *, dataset_name: str, checkpoints: str | None = Non
         bad = [name for name, values in group.items() if not np.all(np.isfinite(values))]
         if bad:
             raise AnalysisError(f"scores {bad} are not finite on some {what}")
-    fprs = tuple(float(r) for r in fprs)
+    fprs = rates_of(fprs)
     metrics = analyse(natural, successful, fprs)
     if roc is not None:
         quick = " (QUICK PRESET run)" if table["config"].get("quick", False) else ""

@@ -41,7 +41,7 @@ from magnet_mi_jax.detectors.forward import SharedForward
 from magnet_mi_jax.detectors.mi import READINGS
 
 __all__ = ["DEFAULT_TEMPERATURES", "DEFAULT_FPR", "DEFAULT_FPRS", "DEFAULT_N_NATURAL", "AnalysisError", "mi_detectors",
-           "analysis_detectors", "detector_scores", "make_score_fn", "score_names", "flatten_scores", "rate_key",
+           "analysis_detectors", "detector_scores", "make_score_fn", "score_names", "flatten_scores", "rate_key", "rates_of",
            "score_metrics", "analyse", "pool_over_kappa", "read_table", "run_checkpoints", "tables_config",
            "shard_from_name", "load_cells"]
 
@@ -149,7 +149,8 @@ def flatten_scores(scores: Mapping[str, Any], temperatures: Sequence[float] = DE
 # --------------------------------------------------------------------------------------------------
 
 
-def _rates(fprs: float | Sequence[float]) -> tuple[float, ...]:
+def rates_of(fprs: float | Sequence[float]) -> tuple[float, ...]:
+    """One false-positive rate or several, as a tuple of distinct floats (the first is the primary one)."""
     rates = (float(fprs),) if np.ndim(fprs) == 0 else tuple(float(r) for r in fprs)
     if not rates or len(set(rates)) != len(rates):
         raise ValueError(f"fprs must be one or more distinct rates, got {fprs!r}")
@@ -176,7 +177,7 @@ def score_metrics(natural: np.ndarray, adversarial: np.ndarray,
       score >= threshold; ``tpr_reversed`` applies the same rule to the negated score (smaller = adversarial);
       a threshold is None where n = floor(N r) = 0 (nothing can be flagged).
     """
-    rates = _rates(fprs)
+    rates = rates_of(fprs)
     natural = np.asarray(natural, np.float64)
     adversarial = np.asarray(adversarial, np.float64)
     if len(adversarial) == 0:

@@ -219,7 +219,7 @@ def test_scores_equal_per_t_library_calls_and_pin_the_aucs(synthetic, mnist):
 
 def test_clear_errors(synthetic, tmp_path, mnist):
     root, results, ckpt, table, _ = synthetic
-    kwargs = dict(dataset_name="mnist", dataset=mnist, n_natural=N_NAT, fprs=(FPR,), batch_size=20)
+    kwargs = dict(dataset_name="mnist", dataset=mnist, n_natural=N_NAT, fprs=FPR, batch_size=20)
     with pytest.raises(scoring.AnalysisError, match="results folder .*nowhere does not exist"):
         detector_auc.run(tmp_path / "nowhere", **kwargs)
     (tmp_path / "empty").mkdir()
