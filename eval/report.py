@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import scipy.stats
 
 from magnet_mi_jax import datasets
 from magnet_mi_jax.attacks import registry
@@ -61,14 +62,12 @@ def _fmt_cell(ours: float, paper: float | None) -> str:
     return f"{ours:.1f} ({paper:.1f}, {ours - paper:+.1f})"
 
 
-def wilson_interval(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson's score interval (default 95%) of a proportion p in [0, 1] measured on n trials."""
+def wilson_interval(k: int, n: int) -> tuple[float, float]:
+    """Wilson's 95% score interval of a proportion k / n, in [0, 1] (SciPy's ``binomtest``)."""
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
-    denominator = 1.0 + z * z / n
-    center = (p + z * z / (2 * n)) / denominator
-    half = z * np.sqrt(p * (1.0 - p) / n + z * z / (4 * n * n)) / denominator
-    return float(center - half), float(center + half)
+    interval = scipy.stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(interval.low), float(interval.high)
 
 
 def agreement(result: Mapping[str, Any], tolerance: float = 3.0) -> dict[str, int]:
@@ -82,7 +81,7 @@ def agreement(result: Mapping[str, Any], tolerance: float = 3.0) -> dict[str, in
             if paper is None or not cell["n_images"]:
                 continue
             ours = cell[defense]["accuracy"]
-            low, high = wilson_interval(ours / 100.0, cell["n_images"])
+            low, high = wilson_interval(round(ours * cell["n_images"] / 100.0), cell["n_images"])
             compared += 1
             within += abs(ours - paper) <= tolerance
             inside += 100.0 * low <= paper <= 100.0 * high

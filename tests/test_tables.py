@@ -281,9 +281,9 @@ def test_paper_numbers_are_complete():
 
 
 def test_agreement_counts_cells_near_the_papers_number():
-    lo, hi = report.wilson_interval(0.5, 100)
+    lo, hi = report.wilson_interval(50, 100)                    # (p + z^2/2n -+ z sqrt(...)) / (1 + z^2/n)
     assert lo == pytest.approx(0.40383, abs=1e-5) and hi == pytest.approx(0.59617, abs=1e-5)
-    assert report.wilson_interval(0.0, 10)[0] == 0.0 and report.wilson_interval(1.0, 10)[1] == pytest.approx(1.0)
+    assert report.wilson_interval(0, 10)[0] == 0.0 and report.wilson_interval(10, 10)[1] == pytest.approx(1.0)
     cell = lambda n, magnet, mi, paper: {"n_images": n, "magnet": {"accuracy": magnet},  # noqa: E731
                                          "mi_magnet": {"accuracy": mi}, "paper": paper}
     result = {"cells": {
@@ -295,7 +295,7 @@ def test_agreement_counts_cells_near_the_papers_number():
     assert report.agreement(result) == {"compared": 5, "within_tolerance": 2, "inside_interval": 3}
     assert report.agreement(result, tolerance=3.5) == {"compared": 5, "within_tolerance": 3, "inside_interval": 3}
     with pytest.raises(ValueError, match="n must be positive"):
-        report.wilson_interval(0.5, 0)
+        report.wilson_interval(0, 0)
 
 
 KILL_SCRIPT = """
