@@ -415,6 +415,11 @@ def test_cache_context_and_shard_assembly(mnist):
     assert len(context["data"]) == 16 and int(context["data"], 16) >= 0
     assert protocol.cache_context("mnist", dataclasses.replace(mnist, md5={**mnist.md5, "x": "0"}), indices,
                                   params)["data"] != context["data"]
+    # the files' md5s key the cache whatever order they were read in (a shard found on another machine)
+    reordered = dict(reversed(list(mnist.md5.items())))
+    assert list(reordered) != list(mnist.md5)
+    assert protocol.cache_context("mnist", dataclasses.replace(mnist, md5=reordered), indices,
+                                  params)["data"] == context["data"]
     assert protocol.cache_context("mnist", dataclasses.replace(mnist, md5={}, source="tfds"), indices,
                                   params)["data"] == "tfds"
     assert protocol.cache_context("mnist", mnist, indices, {"w": np.zeros(3, np.float32)})["classifier"] != \
