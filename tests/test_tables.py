@@ -405,6 +405,21 @@ def test_deviations_list_each_changed_attack_setting_with_the_papers_value():
                                quick=True).deviations() == {}
 
 
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_the_quick_protocol_is_the_full_one_with_the_configs_preset_on_top(name):
+    from magnet_mi_jax import datasets
+    preset = datasets.get(name).protocols["quick"]
+    full, quick = protocol.protocol(name), protocol.protocol(name, quick=True)
+    assert quick.quick and not full.quick
+    for field, value in preset.items():
+        assert getattr(quick, field) == (tuple(value) if isinstance(value, (list, tuple)) else value), field
+    assert any(getattr(full, field) != getattr(quick, field) for field in preset)   # a preset that reduces
+    untouched = {f.name for f in dataclasses.fields(full)} - set(preset) - {"quick"}
+    assert {f: getattr(quick, f) for f in untouched} == {f: getattr(full, f) for f in untouched}
+    # the presets the README's quick tables were made with
+    assert (quick.n_images, quick.iterations, quick.search_steps) == {"mnist": (100, 100, 9), "cifar10": (50, 50, 6)}[name]
+
+
 def test_cache_context_and_shard_assembly(mnist):
     from magnet_mi_jax import data
     indices = np.array([3, 1, 4])
