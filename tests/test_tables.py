@@ -272,6 +272,25 @@ def test_missing_checkpoint_names_the_training_command(tmp_path, mnist):
         tables.run(TINY, tmp_path / "o", checkpoints=str(tmp_path / "empty"), dataset=mnist)
 
 
+def test_a_missing_network_is_made_by_on_missing_then_loaded_from_the_same_root(tmp_path):
+    import shutil
+    root = tmp_path / "root"
+    called = []
+
+    def on_missing(dataset, name):             # stands in for training: puts the shipped weights in place
+        called.append((dataset, name))
+        shutil.copytree(checkpoint.DEFAULT_CHECKPOINTS / dataset / name, root / dataset / name)
+    applies, params, cards = protocol.load_networks("mnist", str(root), names=("ae_ii",), on_missing=on_missing)
+    assert called == [("mnist", "ae_ii")] and set(applies) == set(params) == set(cards) == {"ae_ii"}
+    shipped = checkpoint.load_model("mnist", "ae_ii")[2]
+    assert cards["ae_ii"]["params_sha256"] == shipped["params_sha256"]
+    # present now: loaded without calling it again; another error than "no trained weights" is not swallowed
+    protocol.load_networks("mnist", str(root), names=("ae_ii",), on_missing=on_missing)
+    assert len(called) == 1
+    with pytest.raises(checkpoint.CheckpointError):
+        protocol.load_networks("mnist", str(root), names=("ae_i",), on_missing=lambda d, n: None)
+
+
 def test_paper_numbers_are_complete():
     for dataset, n_kappa in (("mnist", 9), ("cifar10", 9)):
         paper = report.paper_tables(dataset)
