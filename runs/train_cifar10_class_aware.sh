@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CIFAR-10 generator's class_aware variant (issue 14's conditional-accuracy target; the generator study of
 # issue 10 on CIFAR-10), resumable from its work folder: 8 epochs, what one session's CPU allowed (an epoch of
-# this variant takes ~13-15 minutes alone, twice the paper variant's: relabelled fakes and the auxiliary
+# this variant took 626-890 s, 1.5-2x the paper variant's: relabelled fakes and the auxiliary
 # classifier; started with --epochs 10, cut to 6 after epoch 3 and set to 8 in epoch 6: each restart resumes). The
 # export goes to runs/cifar10/generators/class_aware (not the shipped checkpoints); its conditional accuracy is
 # measured with the shipped classifier. The finished generator is copied to
