@@ -284,9 +284,10 @@ def test_a_missing_network_is_made_by_on_missing_then_loaded_from_the_same_root(
     assert called == [("mnist", "ae_ii")] and set(applies) == set(params) == set(cards) == {"ae_ii"}
     shipped = checkpoint.load_model("mnist", "ae_ii")[2]
     assert cards["ae_ii"]["params_sha256"] == shipped["params_sha256"]
-    # present now: loaded without calling it again; another error than "no trained weights" is not swallowed
+    # present now: loaded without calling it again
     protocol.load_networks("mnist", str(root), names=("ae_ii",), on_missing=on_missing)
     assert len(called) == 1
+    # an on_missing that makes nothing: the second load's error reaches the caller
     with pytest.raises(checkpoint.CheckpointError):
         protocol.load_networks("mnist", str(root), names=("ae_i",), on_missing=lambda d, n: None)
 
