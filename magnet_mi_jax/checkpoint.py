@@ -58,6 +58,22 @@ def checkpoints_dir(path: str | os.PathLike | None = None) -> Path:
     return Path(chosen).expanduser().resolve()
 
 
+def shipped_roots(root: str | os.PathLike | None = None) -> list[Path]:
+    """Every checkpoints root shipped under ``root``: itself, then each folder of ``root/variants/`` by name.
+
+    ``root`` defaults to the repository's ``checkpoints/`` (not ``$MAGNET_MI_CHECKPOINTS``: this lists what the
+    repository ships). A variant root holds only the networks it changes, e.g.
+    ``variants/short_training/mnist/classifier``; pass one as ``checkpoints`` to :func:`load_model`.
+
+    Example:
+        >>> [p.name for p in shipped_roots()][:1]
+        ['checkpoints']
+    """
+    base = Path(root).expanduser().resolve() if root is not None else DEFAULT_CHECKPOINTS
+    variants = base / "variants"
+    return [base, *sorted(p for p in variants.iterdir() if p.is_dir())] if variants.is_dir() else [base]
+
+
 def init_params(module: nn.Module, dataset: str, key: jax.Array, batch: int = 1) -> Any:
     """``{"params": ...}`` of ``module`` initialised for ``dataset``'s image shape (other collections dropped)."""
     x = jnp.zeros((batch, *datasets.get(dataset).image_shape), jnp.float32)

@@ -364,9 +364,19 @@ def test_loading_verifies_the_cards_parameter_hash(tmp_path):
 
 def _shipped_models() -> list[tuple[Path, str, str]]:
     """(checkpoints root, dataset, model) of every card under checkpoints/ and checkpoints/variants/*/."""
-    roots = [checkpoint.DEFAULT_CHECKPOINTS, *sorted((checkpoint.DEFAULT_CHECKPOINTS / "variants").iterdir())]
     return [(root, card.parent.parent.name, card.parent.name)
-            for root in roots for card in sorted(root.glob("*/*/meta.json")) if card.parent.parent.name != "variants"]
+            for root in checkpoint.shipped_roots() for card in sorted(root.glob("*/*/meta.json")) if card.parent.parent.name != "variants"]
+
+
+def test_shipped_roots_lists_the_root_then_each_variant_folder_by_name(tmp_path):
+    assert checkpoint.shipped_roots(tmp_path) == [tmp_path.resolve()]          # no variants/ folder
+    for name in ("b", "a"):
+        (tmp_path / "variants" / name).mkdir(parents=True)
+    (tmp_path / "variants" / "README").write_text("not a root")
+    assert checkpoint.shipped_roots(tmp_path) == [tmp_path.resolve(), *(tmp_path.resolve() / "variants" / n
+                                                                         for n in ("a", "b"))]
+    assert checkpoint.shipped_roots()[0] == checkpoint.DEFAULT_CHECKPOINTS
+    assert {p.name for p in checkpoint.shipped_roots()[1:]} >= {"short_training", "cifar10_class_aware"}
 
 
 def test_shipped_cards_hash_the_shipped_weights():
@@ -425,9 +435,8 @@ def test_shipped_weights_measure_what_their_cards_claim(mnist):
         assert errors["mae"] == pytest.approx(card["metrics"]["test_mae"], rel=1e-3)
     module, params, card = checkpoint.load_model("mnist", "generator")
     # its conditional accuracy was measured with the classifier its card names (shipped, or a named variant)
-    roots = [None, *sorted(str(p) for p in (checkpoint.DEFAULT_CHECKPOINTS / "variants").iterdir())]
-    named = [r for r in roots
-             if checkpoint.read_meta(checkpoint.checkpoints_dir(r) / "mnist" / "classifier").get("command")
+    named = [r for r in checkpoint.shipped_roots()
+             if checkpoint.read_meta(r / "mnist" / "classifier").get("command")
              == card["metrics"]["classifier"]["command"]]
     assert named, "the generator's card names a classifier that is neither shipped nor a shipped variant"
     classify, _ = generator.load_classifier("mnist", named[0])
