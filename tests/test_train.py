@@ -365,7 +365,8 @@ def test_loading_verifies_the_cards_parameter_hash(tmp_path):
 def _shipped_models() -> list[tuple[Path, str, str]]:
     """(checkpoints root, dataset, model) of every card under checkpoints/ and checkpoints/variants/*/."""
     return [(root, card.parent.parent.name, card.parent.name)
-            for root in checkpoint.shipped_roots() for card in sorted(root.glob("*/*/meta.json")) if card.parent.parent.name != "variants"]
+            for root in checkpoint.shipped_roots() for card in sorted(root.glob("*/*/meta.json"))
+            if card.parent.parent.name != "variants"]
 
 
 def test_shipped_roots_lists_the_root_then_each_variant_folder_by_name(tmp_path):
