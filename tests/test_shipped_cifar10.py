@@ -31,8 +31,7 @@ def test_shipped_cifar10_weights_measure_what_their_cards_claim(cifar10):
         predict = jax.jit(module.apply)
         logits = np.asarray(map_batches(lambda chunk: predict(params, chunk), cifar10.test_x, 1000))
         assert common.accuracy(logits, cifar10.test_y) == pytest.approx(card["metrics"]["test_accuracy"], abs=2e-4)
-    shipped_classifier = checkpoint.read_meta(checkpoint.DEFAULT_CHECKPOINTS / "cifar10" / "classifier")
-    classify, _ = generator.load_classifier("cifar10", None)
+    classify, shipped_classifier = generator.load_classifier("cifar10", None)
     generators = [root for root in checkpoint.shipped_roots()
                   if (root / "cifar10" / "generator" / "meta.json").is_file()]
     assert len(generators) >= 2, generators                          # the default and the class_aware variant
